@@ -1,0 +1,367 @@
+//! Events: an outbox written with the change, a publisher that moves it to
+//! JetStream, and a consumer that reads the stream in order from a cursor.
+//!
+//! A change and its event are written in one LMDB transaction (the outbox),
+//! then published; a crash between the two loses nothing, because the
+//! publisher starts from the outbox again. Each outbox entry is published
+//! with a `Nats-Msg-Id` that JetStream deduplicates, so an entry published
+//! twice (a crash after the ack, before the delete) is stored once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
+use heed::byteorder::BigEndian;
+use heed::types::{Bytes as RawBytes, Str, U64};
+use heed::{Database, RwTxn};
+use prost::Message;
+use tokio::sync::Notify;
+
+use berth_proto::{Envelope, Timestamp};
+
+use crate::error::{Error, Result};
+use crate::store::Env;
+use crate::subject;
+
+/// The JetStream stream holding every event of every namespace.
+pub const STREAM: &str = "BERTH_EVENTS";
+
+/// Creates the event stream if it does not exist (idempotent).
+pub async fn ensure_stream(js: &jetstream::Context) -> Result<stream::Stream> {
+    js.get_or_create_stream(stream::Config {
+        name: STREAM.to_string(),
+        subjects: vec![subject::all_events()],
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .map_err(|err| Error::unavailable(format!("create stream {STREAM}: {err}")))
+}
+
+/// The outbox of one service: events waiting to be published.
+#[derive(Clone)]
+pub struct Outbox {
+    entries: Database<U64<BigEndian>, RawBytes>,
+    meta: Database<Str, RawBytes>,
+    source: String,
+    node: String,
+    wake: Arc<Notify>,
+}
+
+impl Outbox {
+    /// Opens (creating) the outbox tables in `env`; `source` is the
+    /// service's name and `node` its node id (empty for cluster services).
+    pub fn open(env: &Env, source: &str, node: &str) -> Result<Self> {
+        let mut txn = env.write_txn()?;
+        let entries = env.create_database(&mut txn, Some("outbox"))?;
+        let meta: Database<Str, RawBytes> = env.create_database(&mut txn, Some("outbox_meta"))?;
+        // The outbox's identity keeps message ids unique if the store is
+        // ever recreated while the stream keeps its dedup window.
+        if meta.get(&txn, "id")?.is_none() {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            meta.put(&mut txn, "id", id.as_bytes())?;
+        }
+        txn.commit()?;
+        Ok(Outbox {
+            entries,
+            meta,
+            source: source.to_string(),
+            node: node.to_string(),
+            wake: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Queues an event in `txn`, the transaction that makes the change.
+    pub fn push<P: Message>(
+        &self,
+        txn: &mut RwTxn,
+        namespace: &str,
+        topic: &str,
+        generation: u64,
+        payload: &P,
+    ) -> Result<()> {
+        let seq = match self.entries.last(txn)? {
+            Some((seq, _)) => seq + 1,
+            None => self.next_seq(txn)?,
+        };
+        let envelope = Envelope {
+            topic: topic.to_string(),
+            namespace: namespace.to_string(),
+            node: self.node.clone(),
+            timestamp: Some(Timestamp::now()),
+            generation,
+            source: self.source.clone(),
+            payload: payload.encode_to_vec(),
+            traceparent: crate::trace::current_traceparent(),
+        };
+        self.entries.put(txn, &seq, &envelope.encode_to_vec())?;
+        self.meta.put(txn, "next", &(seq + 1).to_be_bytes())?;
+        Ok(())
+    }
+
+    /// The notifier that makes the publisher look at the outbox now.
+    pub fn wake(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// How many events wait to be published.
+    pub fn pending(&self, env: &Env) -> Result<u64> {
+        let txn = env.read_txn()?;
+        Ok(self.entries.len(&txn)?)
+    }
+
+    /// Sequence numbers keep growing across an empty outbox, so message ids
+    /// never repeat.
+    fn next_seq(&self, txn: &RwTxn) -> Result<u64> {
+        Ok(match self.meta.get(txn, "next")? {
+            Some(raw) if raw.len() == 8 => {
+                u64::from_be_bytes(raw.try_into().map_err(|_| Error::internal("outbox meta"))?)
+            }
+            _ => 1,
+        })
+    }
+
+    /// Moves the outbox to JetStream until `shutdown` is notified: publishes
+    /// in order, waits for the acks, then deletes what was acked. Failures
+    /// are retried with a growing pause; nothing is dropped.
+    pub async fn run_publisher(self, env: Env, js: jetstream::Context, shutdown: Arc<Notify>) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.publish_batch(&env, &js).await {
+                Ok(0) => {
+                    backoff = Duration::from_millis(50);
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.notified() => return,
+                    }
+                }
+                Ok(_) => backoff = Duration::from_millis(50),
+                Err(err) => {
+                    tracing::warn!(source = %self.source, error = %err, "publishing events failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.notified() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Publishes up to 256 entries; returns how many were acked and removed.
+    pub async fn publish_batch(&self, env: &Env, js: &jetstream::Context) -> Result<usize> {
+        let (outbox_id, batch) = {
+            let txn = env.read_txn()?;
+            let outbox_id = self
+                .meta
+                .get(&txn, "id")?
+                .map(|raw| String::from_utf8_lossy(raw).into_owned())
+                .unwrap_or_default();
+            let mut batch = Vec::new();
+            for item in self.entries.iter(&txn)?.take(256) {
+                let (seq, raw) = item?;
+                batch.push((seq, raw.to_vec()));
+            }
+            (outbox_id, batch)
+        };
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let mut acks = Vec::with_capacity(batch.len());
+        for (seq, raw) in &batch {
+            let envelope = Envelope::decode(raw.as_slice())?;
+            let subject = subject::event(&envelope.namespace, &envelope.topic)?;
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("{outbox_id}-{seq}").as_str());
+            if !envelope.traceparent.is_empty() {
+                headers.insert("traceparent", envelope.traceparent.as_str());
+            }
+            let ack = js
+                .publish_with_headers(subject, headers, raw.clone().into())
+                .await
+                .map_err(|err| Error::unavailable(format!("publish event: {err}")))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await
+                .map_err(|err| Error::unavailable(format!("event not acknowledged: {err}")))?;
+        }
+        let mut txn = env.write_txn()?;
+        for (seq, _) in &batch {
+            self.entries.delete(&mut txn, seq)?;
+        }
+        txn.commit()?;
+        Ok(batch.len())
+    }
+}
+
+/// Where a consumer stands in the stream: the stream's identity (its
+/// creation time) and the last sequence applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// The stream's creation time in nanoseconds; 0 before the first event.
+    pub stream_created: i64,
+    /// The last stream sequence applied.
+    pub seq: u64,
+}
+
+impl Cursor {
+    /// The 16-byte form stored beside the change it caused.
+    pub fn to_bytes(self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&self.stream_created.to_be_bytes());
+        out[8..].copy_from_slice(&self.seq.to_be_bytes());
+        out
+    }
+
+    /// Reads the stored form; anything else is the start.
+    pub fn from_bytes(raw: &[u8]) -> Cursor {
+        if raw.len() != 16 {
+            return Cursor::default();
+        }
+        let mut created = [0; 8];
+        let mut seq = [0; 8];
+        created.copy_from_slice(&raw[..8]);
+        seq.copy_from_slice(&raw[8..]);
+        Cursor {
+            stream_created: i64::from_be_bytes(created),
+            seq: u64::from_be_bytes(seq),
+        }
+    }
+}
+
+/// How a consumer may go on from a stored cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// The stream is the one the cursor came from and holds every event after it.
+    Continue(Cursor),
+    /// The stream was recreated, or events after the cursor were dropped by
+    /// retention: the consumer must reconcile in full, then go on from `from`.
+    Reconcile {
+        /// The cursor to go on from after reconciling (the stream's start).
+        from: Cursor,
+        /// Why.
+        reason: ReconcileReason,
+    },
+}
+
+/// Why a consumer must reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReconcileReason {
+    /// The stream's identity differs from the cursor's.
+    StreamRecreated,
+    /// The stream's first sequence is past the cursor.
+    Gap,
+}
+
+/// One event read from the stream.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// Where the consumer stands once this event is applied.
+    pub cursor: Cursor,
+    /// The event.
+    pub envelope: Envelope,
+    /// The subject it was published on.
+    pub subject: String,
+}
+
+/// Reads the event stream in order from a stored cursor.
+pub struct Consumer {
+    stream: stream::Stream,
+    created: i64,
+    filters: Vec<String>,
+}
+
+impl Consumer {
+    /// A consumer of the events whose subjects match `filters` (e.g.
+    /// `berth.v1.*.events.tasks.>`).
+    pub async fn new(js: &jetstream::Context, filters: Vec<String>) -> Result<Self> {
+        let mut stream = ensure_stream(js).await?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|err| Error::unavailable(format!("stream info: {err}")))?;
+        let created = info.created.unix_timestamp_nanos() as i64;
+        Ok(Consumer {
+            stream,
+            created,
+            filters,
+        })
+    }
+
+    /// Decides how to go on from `cursor`.
+    pub async fn resume(&mut self, cursor: Cursor) -> Result<Resume> {
+        let info = self
+            .stream
+            .info()
+            .await
+            .map_err(|err| Error::unavailable(format!("stream info: {err}")))?;
+        let start = Cursor {
+            stream_created: self.created,
+            seq: info.state.first_sequence.saturating_sub(1),
+        };
+        if cursor.stream_created == 0 && cursor.seq == 0 {
+            return Ok(Resume::Continue(Cursor {
+                stream_created: self.created,
+                seq: 0,
+            }));
+        }
+        if cursor.stream_created != self.created {
+            return Ok(Resume::Reconcile {
+                from: start,
+                reason: ReconcileReason::StreamRecreated,
+            });
+        }
+        if info.state.messages > 0 && info.state.first_sequence > cursor.seq + 1 {
+            return Ok(Resume::Reconcile {
+                from: start,
+                reason: ReconcileReason::Gap,
+            });
+        }
+        Ok(Resume::Continue(cursor))
+    }
+
+    /// Streams the events after `cursor`, in order, forever (an ordered
+    /// consumer: no acks; the caller's stored cursor is the position).
+    pub async fn messages(
+        &self,
+        cursor: Cursor,
+    ) -> Result<impl futures::Stream<Item = Result<Delivered>> + use<>> {
+        use futures::StreamExt;
+        let consumer = self
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subjects: self.filters.clone(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: cursor.seq + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| Error::unavailable(format!("create consumer: {err}")))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|err| Error::unavailable(format!("consume events: {err}")))?;
+        let created = self.created;
+        Ok(messages.map(move |item| {
+            let message = item.map_err(|err| Error::unavailable(format!("read event: {err}")))?;
+            let info = message
+                .info()
+                .map_err(|err| Error::internal(format!("event metadata: {err}")))?;
+            let seq = info.stream_sequence;
+            let envelope = Envelope::decode(message.payload.clone())?;
+            Ok(Delivered {
+                cursor: Cursor {
+                    stream_created: created,
+                    seq,
+                },
+                envelope,
+                subject: message.subject.to_string(),
+            })
+        }))
+    }
+}
