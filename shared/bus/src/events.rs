@@ -17,6 +17,7 @@ use heed::types::{Bytes as RawBytes, Str, U64};
 use heed::{Database, RwTxn};
 use prost::Message;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use berth_proto::{Envelope, Timestamp};
 
@@ -123,10 +124,10 @@ impl Outbox {
         })
     }
 
-    /// Moves the outbox to JetStream until `shutdown` is notified: publishes
+    /// Moves the outbox to JetStream until `shutdown` is cancelled: publishes
     /// in order, waits for the acks, then deletes what was acked. Failures
     /// are retried with a growing pause; nothing is dropped.
-    pub async fn run_publisher(self, env: Env, js: jetstream::Context, shutdown: Arc<Notify>) {
+    pub async fn run_publisher(self, env: Env, js: jetstream::Context, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.publish_batch(&env, &js).await {
@@ -135,7 +136,7 @@ impl Outbox {
                     tokio::select! {
                         _ = self.wake.notified() => {}
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = shutdown.notified() => return,
+                        _ = shutdown.cancelled() => return,
                     }
                 }
                 Ok(_) => backoff = Duration::from_millis(50),
@@ -143,7 +144,7 @@ impl Outbox {
                     tracing::warn!(source = %self.source, error = %err, "publishing events failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.notified() => return,
+                        _ = shutdown.cancelled() => return,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
