@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={root}/{file}");
     }
     let descriptors = protox::compile(FILES, [root])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    prost_build::Config::new()
+        .bytes(["."])
+        .compile_fds(descriptors)?;
     Ok(())
 }

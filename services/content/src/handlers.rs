@@ -16,7 +16,9 @@ fn info(digest: &str, blob: &BlobRecord, owner: &OwnerRecord) -> pb::Info {
         digest: digest.to_string(),
         size: blob.size,
         labels: owner.labels.clone().into_iter().collect(),
-        created_at: Some(Timestamp { unix_nanos: owner.created }),
+        created_at: Some(Timestamp {
+            unix_nanos: owner.created,
+        }),
         updated_at: Some(Timestamp {
             unix_nanos: owner.updated.max(owner.created),
         }),
@@ -31,7 +33,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 /// `info`: one blob of the namespace.
-pub(crate) async fn info_op(svc: Arc<ContentService>, call: Call, req: pb::InfoRequest) -> Result<pb::InfoReply> {
+pub(crate) async fn info_op(
+    svc: Arc<ContentService>,
+    call: Call,
+    req: pb::InfoRequest,
+) -> Result<pb::InfoReply> {
     call.record("digest", &req.digest);
     let (blob, owner) = svc.store.info(call.namespace(), &req.digest)?;
     Ok(pb::InfoReply {
@@ -40,7 +46,11 @@ pub(crate) async fn info_op(svc: Arc<ContentService>, call: Call, req: pb::InfoR
 }
 
 /// `list`: the namespace's blobs carrying the selected labels.
-pub(crate) async fn list(svc: Arc<ContentService>, call: Call, req: pb::ListRequest) -> Result<pb::ListReply> {
+pub(crate) async fn list(
+    svc: Arc<ContentService>,
+    call: Call,
+    req: pb::ListRequest,
+) -> Result<pb::ListReply> {
     let infos = svc
         .store
         .list(call.namespace())?
@@ -56,7 +66,11 @@ pub(crate) async fn list(svc: Arc<ContentService>, call: Call, req: pb::ListRequ
 }
 
 /// `update`: replace labels, all or by `labels.<key>` masks.
-pub(crate) async fn update(svc: Arc<ContentService>, call: Call, req: pb::UpdateRequest) -> Result<pb::UpdateReply> {
+pub(crate) async fn update(
+    svc: Arc<ContentService>,
+    call: Call,
+    req: pb::UpdateRequest,
+) -> Result<pb::UpdateReply> {
     check_digest(&req.digest)?;
     let store = &svc.store;
     let mut txn = store.env.write_txn()?;
@@ -87,18 +101,36 @@ pub(crate) async fn update(svc: Arc<ContentService>, call: Call, req: pb::Update
 }
 
 /// `read`: a range of a blob.
-pub(crate) async fn read(svc: Arc<ContentService>, call: Call, req: pb::ReadRequest) -> Result<pb::ReadReply> {
+pub(crate) async fn read(
+    svc: Arc<ContentService>,
+    call: Call,
+    req: pb::ReadRequest,
+) -> Result<pb::ReadReply> {
     let max = svc.max_chunk as i64;
     if req.length > max {
-        return Err(Error::invalid(format!("read length {} is over the limit of {max} bytes", req.length)));
+        return Err(Error::invalid(format!(
+            "read length {} is over the limit of {max} bytes",
+            req.length
+        )));
     }
     let namespace = call.namespace().to_string();
-    let (data, size) = blocking(move || svc.store.read(&namespace, &req.digest, req.offset, req.length)).await?;
-    Ok(pb::ReadReply { data: data.into(), size })
+    let (data, size) = blocking(move || {
+        svc.store
+            .read(&namespace, &req.digest, req.offset, req.length)
+    })
+    .await?;
+    Ok(pb::ReadReply {
+        data: data.into(),
+        size,
+    })
 }
 
 /// `open`: start or resume an ingest.
-pub(crate) async fn open(svc: Arc<ContentService>, call: Call, req: pb::OpenRequest) -> Result<pb::OpenReply> {
+pub(crate) async fn open(
+    svc: Arc<ContentService>,
+    call: Call,
+    req: pb::OpenRequest,
+) -> Result<pb::OpenReply> {
     let meta = IngestMeta {
         expected_digest: req.expected_digest,
         expected_size: req.expected_size,
@@ -109,22 +141,44 @@ pub(crate) async fn open(svc: Arc<ContentService>, call: Call, req: pb::OpenRequ
 }
 
 /// `write`: bytes at an offset of an ingest.
-pub(crate) async fn write(svc: Arc<ContentService>, call: Call, req: pb::WriteRequest) -> Result<pb::WriteReply> {
+pub(crate) async fn write(
+    svc: Arc<ContentService>,
+    call: Call,
+    req: pb::WriteRequest,
+) -> Result<pb::WriteReply> {
     let namespace = call.namespace().to_string();
-    let offset = blocking(move || svc.store.write(&namespace, &req.r#ref, req.offset, &req.data)).await?;
+    let offset = blocking(move || {
+        svc.store
+            .write(&namespace, &req.r#ref, req.offset, &req.data)
+    })
+    .await?;
     Ok(pb::WriteReply { offset })
 }
 
 /// `commit`: verify, place, record; `content.commit` goes out with it.
-pub(crate) async fn commit(svc: Arc<ContentService>, call: Call, req: pb::CommitRequest) -> Result<pb::CommitReply> {
+pub(crate) async fn commit(
+    svc: Arc<ContentService>,
+    call: Call,
+    req: pb::CommitRequest,
+) -> Result<pb::CommitReply> {
     // What the open asked for holds unless the commit says otherwise; a
     // missing ingest may still commit a blob that is on disk already.
     let namespace = call.namespace().to_string();
     let status = svc.store.ingest_status(&namespace, &req.r#ref);
-    let meta = status.as_ref().map(|(meta, _)| meta.clone()).unwrap_or_default();
-    let digest = if req.digest.is_empty() { meta.expected_digest.clone() } else { req.digest.clone() };
+    let meta = status
+        .as_ref()
+        .map(|(meta, _)| meta.clone())
+        .unwrap_or_default();
+    let digest = if req.digest.is_empty() {
+        meta.expected_digest.clone()
+    } else {
+        req.digest.clone()
+    };
     if digest.is_empty() {
-        return Err(Error::invalid(format!("commit of ingest {:?} names no digest", req.r#ref)));
+        return Err(Error::invalid(format!(
+            "commit of ingest {:?} names no digest",
+            req.r#ref
+        )));
     }
     check_digest(&digest)?;
     if !meta.expected_digest.is_empty() && meta.expected_digest != digest {
@@ -133,16 +187,28 @@ pub(crate) async fn commit(svc: Arc<ContentService>, call: Call, req: pb::Commit
             meta.expected_digest
         )));
     }
-    let size = if req.size > 0 { req.size } else { meta.expected_size };
+    let size = if req.size > 0 {
+        req.size
+    } else {
+        meta.expected_size
+    };
     call.record("digest", &digest);
-    let lease_id = if req.lease_id.is_empty() { meta.lease_id.clone() } else { req.lease_id.clone() };
+    let lease_id = if req.lease_id.is_empty() {
+        meta.lease_id.clone()
+    } else {
+        req.lease_id.clone()
+    };
 
     let lock = svc.store.lock(&digest);
     let _held = lock.lock().await;
     let placed = {
         let svc = svc.clone();
         let (namespace, reference, digest) = (namespace.clone(), req.r#ref.clone(), digest.clone());
-        blocking(move || svc.store.verify_and_place(&namespace, &reference, &digest, size)).await?
+        blocking(move || {
+            svc.store
+                .verify_and_place(&namespace, &reference, &digest, size)
+        })
+        .await?
     };
     if !lease_id.is_empty() {
         svc.attach_to_lease(&namespace, &lease_id, &digest).await?;
@@ -163,7 +229,11 @@ pub(crate) async fn commit(svc: Arc<ContentService>, call: Call, req: pb::Commit
 }
 
 /// `abort`: drop an ingest.
-pub(crate) async fn abort(svc: Arc<ContentService>, call: Call, req: pb::AbortRequest) -> Result<pb::AbortReply> {
+pub(crate) async fn abort(
+    svc: Arc<ContentService>,
+    call: Call,
+    req: pb::AbortRequest,
+) -> Result<pb::AbortReply> {
     svc.store.abort(call.namespace(), &req.r#ref)?;
     Ok(pb::AbortReply {})
 }
@@ -178,7 +248,11 @@ fn ingest_status(reference: String, meta: IngestMeta, offset: i64) -> pb::Ingest
 }
 
 /// `status`: one ingest's progress.
-pub(crate) async fn status(svc: Arc<ContentService>, call: Call, req: pb::StatusRequest) -> Result<pb::StatusReply> {
+pub(crate) async fn status(
+    svc: Arc<ContentService>,
+    call: Call,
+    req: pb::StatusRequest,
+) -> Result<pb::StatusReply> {
     let (meta, offset) = svc.store.ingest_status(call.namespace(), &req.r#ref)?;
     Ok(pb::StatusReply {
         status: Some(ingest_status(req.r#ref, meta, offset)),
@@ -186,7 +260,11 @@ pub(crate) async fn status(svc: Arc<ContentService>, call: Call, req: pb::Status
 }
 
 /// `ingests`: every ingest of the namespace.
-pub(crate) async fn ingests(svc: Arc<ContentService>, call: Call, _req: pb::IngestsRequest) -> Result<pb::IngestsReply> {
+pub(crate) async fn ingests(
+    svc: Arc<ContentService>,
+    call: Call,
+    _req: pb::IngestsRequest,
+) -> Result<pb::IngestsReply> {
     let statuses = svc
         .store
         .ingests(call.namespace())?
@@ -198,7 +276,11 @@ pub(crate) async fn ingests(svc: Arc<ContentService>, call: Call, _req: pb::Inge
 
 /// `delete`: drop the namespace's hold, conditionally for gc; the bytes go
 /// when no namespace holds them.
-pub(crate) async fn delete(svc: Arc<ContentService>, call: Call, req: pb::DeleteRequest) -> Result<pb::DeleteReply> {
+pub(crate) async fn delete(
+    svc: Arc<ContentService>,
+    call: Call,
+    req: pb::DeleteRequest,
+) -> Result<pb::DeleteReply> {
     check_digest(&req.digest)?;
     call.record("digest", &req.digest);
     let lock = svc.store.lock(&req.digest);
@@ -208,7 +290,12 @@ pub(crate) async fn delete(svc: Arc<ContentService>, call: Call, req: pb::Delete
     if let Some(reply) = store.requests.replay(&txn, &call)? {
         return Ok(reply);
     }
-    let (deleted, unlink) = store.drop_owner(&mut txn, call.namespace(), &req.digest, req.unless_touched_since)?;
+    let (deleted, unlink) = store.drop_owner(
+        &mut txn,
+        call.namespace(),
+        &req.digest,
+        req.unless_touched_since,
+    )?;
     let reply = pb::DeleteReply {
         deleted,
         freed_bytes: unlink.as_ref().map(|(_, size)| *size).unwrap_or(0),

@@ -50,16 +50,28 @@ impl ContentService {
 }
 
 /// Serves the content service on `nats` until `shutdown` is cancelled.
-pub async fn run(nats: async_nats::Client, config: Config, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    nats: async_nats::Client,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let store = Store::open(&config.root)?;
     let client = Client::new(nats.clone(), berth_bus::client::DEFAULT_TIMEOUT);
     let max_chunk = client.max_body();
-    let svc = Arc::new(ContentService { store, client, max_chunk });
+    let svc = Arc::new(ContentService {
+        store,
+        client,
+        max_chunk,
+    });
 
     let js = async_nats::jetstream::new(nats.clone());
     berth_bus::events::ensure_stream(&js).await?;
     let outbox = svc.store.outbox.clone();
-    let publisher = tokio::spawn(outbox.clone().run_publisher(svc.store.env.clone(), js, shutdown.clone()));
+    let publisher = tokio::spawn(outbox.clone().run_publisher(
+        svc.store.env.clone(),
+        js,
+        shutdown.clone(),
+    ));
 
     let serving = Service::new("content", env!("CARGO_PKG_VERSION"), svc)
         .wake_on_reply(outbox.wake())

@@ -77,7 +77,11 @@ pub fn check_digest(digest: &str) -> Result<&str> {
             "unsupported digest algorithm {algorithm:?} in {digest:?}"
         )));
     }
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(Error::invalid(format!("malformed digest {digest:?}")));
     }
     Ok(hex)
@@ -150,7 +154,10 @@ impl Store {
     /// The lock of one digest, held across a commit's or a delete's file and
     /// database steps.
     pub(crate) fn lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         locks.entry(digest.to_string()).or_default().clone()
     }
 
@@ -185,7 +192,13 @@ impl Store {
     }
 
     /// Reads `length` bytes at `offset` of a blob the namespace holds.
-    pub fn read(&self, namespace: &str, digest: &str, offset: i64, length: i64) -> Result<(Vec<u8>, i64)> {
+    pub fn read(
+        &self,
+        namespace: &str,
+        digest: &str,
+        offset: i64,
+        length: i64,
+    ) -> Result<(Vec<u8>, i64)> {
         let (blob, _) = self.info(namespace, digest)?;
         if offset < 0 || length < 0 || offset > blob.size {
             return Err(Error::invalid(format!(
@@ -203,7 +216,12 @@ impl Store {
 
     /// Starts or resumes an ingest; returns its offset and whether the
     /// expected blob exists already in this namespace or on disk.
-    pub fn open_ingest(&self, namespace: &str, reference: &str, meta: &IngestMeta) -> Result<(i64, bool)> {
+    pub fn open_ingest(
+        &self,
+        namespace: &str,
+        reference: &str,
+        meta: &IngestMeta,
+    ) -> Result<(i64, bool)> {
         check_ref(reference)?;
         if !meta.expected_digest.is_empty() {
             check_digest(&meta.expected_digest)?;
@@ -217,7 +235,10 @@ impl Store {
         if !meta_path.exists() {
             write_atomic(&meta_path, &serde_json::to_vec(meta).map_err(json_error)?)?;
         }
-        let data = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("data"))?;
+        let data = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("data"))?;
         Ok((data.metadata()?.len() as i64, false))
     }
 
@@ -248,7 +269,9 @@ impl Store {
         let raw = std::fs::read(dir.join("meta.json"))
             .map_err(|_| Error::not_found(format!("ingest {reference:?} not found")))?;
         let meta: IngestMeta = serde_json::from_slice(&raw).map_err(json_error)?;
-        let offset = std::fs::metadata(dir.join("data")).map(|m| m.len() as i64).unwrap_or(0);
+        let offset = std::fs::metadata(dir.join("data"))
+            .map(|m| m.len() as i64)
+            .unwrap_or(0);
         Ok((meta, offset))
     }
 
@@ -284,7 +307,13 @@ impl Store {
     /// `blobs/`; a mismatch discards the ingest. When the blob is on disk
     /// already the ingest is dropped and nothing is stored twice. Returns the
     /// size. The caller records the owner afterwards, under the digest lock.
-    pub fn verify_and_place(&self, namespace: &str, reference: &str, digest: &str, size: i64) -> Result<i64> {
+    pub fn verify_and_place(
+        &self,
+        namespace: &str,
+        reference: &str,
+        digest: &str,
+        size: i64,
+    ) -> Result<i64> {
         let dir = self.ingest_dir(namespace, reference);
         let data = dir.join("data");
         let target = self.blob_path(digest)?;
@@ -348,7 +377,8 @@ impl Store {
             digest: digest.to_string(),
             size: blob.size,
         };
-        self.outbox.push(txn, namespace, "content.commit", 0, &event)?;
+        self.outbox
+            .push(txn, namespace, "content.commit", 0, &event)?;
         Ok((blob, owner))
     }
 
@@ -366,7 +396,11 @@ impl Store {
                 .get(txn, &key)?
                 .ok_or_else(|| Error::not_found(format!("blob {digest} not found")))?,
         )?;
-        let blob: BlobRecord = decode(self.blobs.get(txn, digest)?.ok_or_else(|| Error::not_found(digest))?)?;
+        let blob: BlobRecord = decode(
+            self.blobs
+                .get(txn, digest)?
+                .ok_or_else(|| Error::not_found(digest))?,
+        )?;
         owner.labels = labels;
         owner.updated = now_nanos();
         self.owners.put(txn, &key, &encode(&owner)?)?;
@@ -374,7 +408,12 @@ impl Store {
     }
 
     /// The namespace's labels of a blob as they are now.
-    pub fn labels(&self, txn: &heed::RwTxn, namespace: &str, digest: &str) -> Result<BTreeMap<String, String>> {
+    pub fn labels(
+        &self,
+        txn: &heed::RwTxn,
+        namespace: &str,
+        digest: &str,
+    ) -> Result<BTreeMap<String, String>> {
         let raw = self
             .owners
             .get(txn, &owner_key(namespace, digest))?
@@ -410,7 +449,8 @@ impl Store {
             digest: digest.to_string(),
             size,
         };
-        self.outbox.push(txn, namespace, "content.delete", 0, &event)?;
+        self.outbox
+            .push(txn, namespace, "content.delete", 0, &event)?;
         if self.any_owner(txn, digest)? {
             return Ok((true, None));
         }

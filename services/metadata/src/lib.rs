@@ -37,18 +37,28 @@ pub struct MetadataService {
 
 /// True when `labels` carry every key of `selector` with its value.
 pub fn selects(selector: &HashMap<String, String>, labels: &HashMap<String, String>) -> bool {
-    selector.iter().all(|(key, value)| labels.get(key) == Some(value))
+    selector
+        .iter()
+        .all(|(key, value)| labels.get(key) == Some(value))
 }
 
 /// Serves the metadata service until `shutdown` is cancelled.
-pub async fn run(nats: async_nats::Client, config: Config, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    nats: async_nats::Client,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let store = Store::open(&config.root.join("db"))?;
     let svc = Arc::new(MetadataService { store });
     let js = async_nats::jetstream::new(nats.clone());
     berth_bus::events::ensure_stream(&js).await?;
 
     let outbox = svc.store.outbox.clone();
-    let publisher = tokio::spawn(outbox.clone().run_publisher(svc.store.env.clone(), js.clone(), shutdown.clone()));
+    let publisher = tokio::spawn(outbox.clone().run_publisher(
+        svc.store.env.clone(),
+        js.clone(),
+        shutdown.clone(),
+    ));
     let consumer = tokio::spawn(consume_task_events(svc.clone(), js, shutdown.clone()));
     let expiry = tokio::spawn(expire_leases(svc.clone(), shutdown.clone()));
 
@@ -84,7 +94,11 @@ pub async fn run(nats: async_nats::Client, config: Config, shutdown: Cancellatio
 
 /// Applies task events from the stream until shutdown, starting again from
 /// the stored cursor after any failure.
-async fn consume_task_events(svc: Arc<MetadataService>, js: async_nats::jetstream::Context, shutdown: CancellationToken) {
+async fn consume_task_events(
+    svc: Arc<MetadataService>,
+    js: async_nats::jetstream::Context,
+    shutdown: CancellationToken,
+) {
     loop {
         let outcome = tokio::select! {
             outcome = consume_once(&svc, &js) => outcome,
@@ -100,8 +114,15 @@ async fn consume_task_events(svc: Arc<MetadataService>, js: async_nats::jetstrea
     }
 }
 
-async fn consume_once(svc: &Arc<MetadataService>, js: &async_nats::jetstream::Context) -> Result<()> {
-    let filter = format!("{}.*.{}.tasks.>", berth_bus::subject::PREFIX, berth_bus::subject::EVENTS);
+async fn consume_once(
+    svc: &Arc<MetadataService>,
+    js: &async_nats::jetstream::Context,
+) -> Result<()> {
+    let filter = format!(
+        "{}.*.{}.tasks.>",
+        berth_bus::subject::PREFIX,
+        berth_bus::subject::EVENTS
+    );
     let mut consumer = Consumer::new(js, vec![filter]).await?;
     let stored = {
         let txn = svc.store.env.read_txn()?;
@@ -119,7 +140,9 @@ async fn consume_once(svc: &Arc<MetadataService>, js: &async_nats::jetstream::Co
             for namespace in store.tasks.namespaces(&txn)? {
                 for mut task in store.tasks.list(&txn, &namespace)? {
                     task.event_version = 0;
-                    store.tasks.put(&mut txn, &namespace, &task.container_id.clone(), &task)?;
+                    store
+                        .tasks
+                        .put(&mut txn, &namespace, &task.container_id.clone(), &task)?;
                 }
             }
             store.set_cursor(&mut txn, from)?;
@@ -132,9 +155,10 @@ async fn consume_once(svc: &Arc<MetadataService>, js: &async_nats::jetstream::Co
         let delivered = delivered?;
         let svc = svc.clone();
         let topic = delivered.envelope.topic.clone();
-        let applied = tokio::task::spawn_blocking(move || handlers::tasks::apply(&svc.store, &delivered))
-            .await
-            .map_err(|err| berth_bus::Error::internal(err.to_string()))??;
+        let applied =
+            tokio::task::spawn_blocking(move || handlers::tasks::apply(&svc.store, &delivered))
+                .await
+                .map_err(|err| berth_bus::Error::internal(err.to_string()))??;
         tracing::debug!(%topic, applied, "task event");
     }
     Ok(())

@@ -37,7 +37,11 @@ pub struct Table<M> {
 
 impl<M: Message + Default> Table<M> {
     fn new(db: Database<Str, RawBytes>, kind: &'static str) -> Self {
-        Table { db, kind, _record: std::marker::PhantomData }
+        Table {
+            db,
+            kind,
+            _record: std::marker::PhantomData,
+        }
     }
 
     /// The record, if any.
@@ -58,7 +62,8 @@ impl<M: Message + Default> Table<M> {
 
     /// Writes the record.
     pub fn put(&self, txn: &mut RwTxn, namespace: &str, id: &str, record: &M) -> Result<()> {
-        self.db.put(txn, &key(namespace, id), &record.encode_to_vec())?;
+        self.db
+            .put(txn, &key(namespace, id), &record.encode_to_vec())?;
         Ok(())
     }
 
@@ -73,7 +78,10 @@ impl<M: Message + Default> Table<M> {
         let mut out = Vec::new();
         for item in self.db.prefix_iter(txn, &prefix)? {
             let (_, raw) = item?;
-            out.push(M::decode(raw).map_err(|err| Error::internal(format!("stored {}: {err}", self.kind)))?);
+            out.push(
+                M::decode(raw)
+                    .map_err(|err| Error::internal(format!("stored {}: {err}", self.kind)))?,
+            );
         }
         Ok(out)
     }
@@ -122,7 +130,10 @@ impl Store {
         let env = berth_bus::store::open_env(dir, 8)?;
         let mut txn = env.write_txn()?;
         let mut table = |name: &str, kind: &'static str| -> Result<_> {
-            Ok((env.create_database::<Str, RawBytes>(&mut txn, Some(name))?, kind))
+            Ok((
+                env.create_database::<Str, RawBytes>(&mut txn, Some(name))?,
+                kind,
+            ))
         };
         let (images, _) = table("images", "image")?;
         let (containers, _) = table("containers", "container")?;
@@ -157,7 +168,11 @@ impl Store {
 
     /// The stored cursor of the task-event consumer.
     pub fn cursor(&self, txn: &RoTxn) -> Result<Cursor> {
-        Ok(self.meta.get(txn, "cursor")?.map(Cursor::from_bytes).unwrap_or_default())
+        Ok(self
+            .meta
+            .get(txn, "cursor")?
+            .map(Cursor::from_bytes)
+            .unwrap_or_default())
     }
 
     /// Stores the consumer's cursor (in the transaction of the change it caused).

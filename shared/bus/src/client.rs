@@ -56,7 +56,11 @@ impl Client {
 
     /// The largest body one request may carry, leaving room for headers.
     pub fn max_body(&self) -> usize {
-        self.nats.server_info().max_payload.saturating_sub(8 * 1024).max(4096)
+        self.nats
+            .server_info()
+            .max_payload
+            .saturating_sub(8 * 1024)
+            .max(4096)
     }
 
     /// Sends a read-only request and decodes its reply.
@@ -69,7 +73,9 @@ impl Client {
         subject: &str,
         request: &Req,
     ) -> Result<Rep> {
-        let reply = self.call_raw(subject, request.encode_to_vec().into(), None).await?;
+        let reply = self
+            .call_raw(subject, request.encode_to_vec().into(), None)
+            .await?;
         Ok(Rep::decode(reply)?)
     }
 
@@ -136,9 +142,9 @@ fn request_error(subject: &str, err: async_nats::RequestError) -> Error {
             format!("no reply from the {service} service on {subject} in time"),
         ),
         RequestErrorKind::InvalidSubject => Error::invalid(format!("invalid subject {subject:?}")),
-        RequestErrorKind::MaxPayloadExceeded => {
-            Error::invalid(format!("request to {subject} is larger than the server's max payload"))
-        }
+        RequestErrorKind::MaxPayloadExceeded => Error::invalid(format!(
+            "request to {subject} is larger than the server's max payload"
+        )),
         RequestErrorKind::Other => Error::unavailable(format!("request to {subject}: {err}")),
     }
 }

@@ -94,7 +94,7 @@ impl Outbox {
             timestamp: Some(Timestamp::now()),
             generation,
             source: self.source.clone(),
-            payload: payload.encode_to_vec(),
+            payload: payload.encode_to_vec().into(),
             traceparent: crate::trace::current_traceparent(),
         };
         self.entries.put(txn, &seq, &envelope.encode_to_vec())?;
@@ -127,7 +127,12 @@ impl Outbox {
     /// Moves the outbox to JetStream until `shutdown` is cancelled: publishes
     /// in order, waits for the acks, then deletes what was acked. Failures
     /// are retried with a growing pause; nothing is dropped.
-    pub async fn run_publisher(self, env: Env, js: jetstream::Context, shutdown: CancellationToken) {
+    pub async fn run_publisher(
+        self,
+        env: Env,
+        js: jetstream::Context,
+        shutdown: CancellationToken,
+    ) {
         let mut backoff = Duration::from_millis(50);
         loop {
             match self.publish_batch(&env, &js).await {

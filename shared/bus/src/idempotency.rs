@@ -54,7 +54,9 @@ impl RequestLog {
             return Ok(());
         };
         let mut value = call.body_digest().to_vec();
-        reply.encode(&mut value).map_err(|err| Error::internal(err.to_string()))?;
+        reply
+            .encode(&mut value)
+            .map_err(|err| Error::internal(err.to_string()))?;
         self.db.put(txn, &key, &value)?;
         Ok(())
     }

@@ -11,6 +11,7 @@
 //! - [`trace`]: logging set-up and `traceparent` propagation;
 //! - [`store`]: the LMDB environment settings every service shares.
 
+pub mod api;
 pub mod chunk;
 pub mod client;
 pub mod error;

@@ -262,7 +262,10 @@ impl<S: Send + Sync + 'static> EndpointCtx<S> {
         );
         crate::trace::set_parent(&span, message.headers.as_ref());
 
-        let outcome = self.dispatch(message, span.clone()).instrument(span.clone()).await;
+        let outcome = self
+            .dispatch(message, span.clone())
+            .instrument(span.clone())
+            .await;
         let reply = match outcome {
             Ok(body) => Ok(body),
             Err(err) => {
@@ -314,7 +317,10 @@ impl<S: Send + Sync + 'static> EndpointCtx<S> {
             Ok(outcome) => outcome,
             Err(_) => Err(Error::new(
                 Code::DeadlineExceeded,
-                format!("{}.{} did not finish within {:?}", self.service, self.op, self.deadline),
+                format!(
+                    "{}.{} did not finish within {:?}",
+                    self.service, self.op, self.deadline
+                ),
             )),
         }
     }

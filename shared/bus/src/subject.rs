@@ -88,7 +88,9 @@ fn check_dotted(kind: &str, value: &str) -> Result<()> {
     if value.is_empty() {
         return Err(Error::invalid(format!("{kind} is empty")));
     }
-    value.split('.').try_for_each(|part| check_token(kind, part))
+    value
+        .split('.')
+        .try_for_each(|part| check_token(kind, part))
 }
 
 /// A node id from a host name: dots become dashes and anything else that a
@@ -133,7 +135,9 @@ pub fn parse(subject: &str) -> Result<Parsed<'_>> {
     let (Some("berth"), Some("v1"), Some(namespace), Some(service)) =
         (tokens.next(), tokens.next(), tokens.next(), tokens.next())
     else {
-        return Err(Error::invalid(format!("subject {subject:?} is not berth's")));
+        return Err(Error::invalid(format!(
+            "subject {subject:?} is not berth's"
+        )));
     };
     check_namespace(namespace)?;
     Ok(Parsed { namespace, service })
@@ -162,13 +166,25 @@ mod tests {
     #[test]
     fn refuses_bad_tokens() {
         let long = "a".repeat(MAX_TOKEN_LEN + 1);
-        let bad = ["", "a.b", "a*", ">", "a b", "a\tb", "a\u{1}b", long.as_str()];
+        let bad = [
+            "",
+            "a.b",
+            "a*",
+            ">",
+            "a b",
+            "a\tb",
+            "a\u{1}b",
+            long.as_str(),
+        ];
         for namespace in bad {
             let err = op(namespace, "content", "info").unwrap_err();
             assert_eq!(err.code, crate::Code::InvalidArgument, "{namespace:?}");
         }
         for node in ["", "n.1", "*", "n 1"] {
-            assert!(node_op("default", "task", node, "start").is_err(), "{node:?}");
+            assert!(
+                node_op("default", "task", node, "start").is_err(),
+                "{node:?}"
+            );
         }
         assert!(op("default", "content", "images..create").is_err());
         assert!(event("default", "tasks.>").is_err());
@@ -184,7 +200,10 @@ mod tests {
 
     #[test]
     fn node_ids_from_host_names_are_tokens() {
-        assert_eq!(node_id_from_hostname("web1.example.com\n"), "web1-example-com");
+        assert_eq!(
+            node_id_from_hostname("web1.example.com\n"),
+            "web1-example-com"
+        );
         assert_eq!(node_id_from_hostname("a b*c>"), "a_b_c_");
         assert_eq!(node_id_from_hostname(""), "localhost");
         check_token("node id", &node_id_from_hostname(&"x.".repeat(100))).unwrap();

@@ -12,7 +12,11 @@ use crate::MetadataService;
 /// `gc.mark`: a new epoch, then the roots of every namespace as of that
 /// epoch. Objects touched at or after the epoch are kept by the owners'
 /// conditional deletes, so whatever is created after this read is safe.
-pub(crate) async fn mark(svc: Arc<MetadataService>, _call: Call, _req: pb::MarkRequest) -> Result<pb::MarkReply> {
+pub(crate) async fn mark(
+    svc: Arc<MetadataService>,
+    _call: Call,
+    _req: pb::MarkRequest,
+) -> Result<pb::MarkReply> {
     let store = &svc.store;
     let mut txn = store.env.write_txn()?;
     let epoch = store.next_epoch(&mut txn)?;

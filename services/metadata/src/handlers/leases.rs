@@ -10,7 +10,11 @@ use crate::store::Store;
 use crate::MetadataService;
 
 /// `leases.create`: an empty id picks one.
-pub(crate) async fn create(svc: Arc<MetadataService>, call: Call, req: pb::CreateLeaseRequest) -> Result<pb::LeaseReply> {
+pub(crate) async fn create(
+    svc: Arc<MetadataService>,
+    call: Call,
+    req: pb::CreateLeaseRequest,
+) -> Result<pb::LeaseReply> {
     let mut lease = req.lease.unwrap_or_default();
     if lease.lease_id.is_empty() {
         lease.lease_id = berth_bus::client::new_request_id();
@@ -18,22 +22,41 @@ pub(crate) async fn create(svc: Arc<MetadataService>, call: Call, req: pb::Creat
     berth_bus::subject::check_token("lease id", &lease.lease_id)?;
     let store = &svc.store;
     store.mutate(&call, |txn| {
-        if store.leases.get(txn, call.namespace(), &lease.lease_id)?.is_some() {
-            return Err(Error::already_exists(format!("lease {} already exists", lease.lease_id)));
+        if store
+            .leases
+            .get(txn, call.namespace(), &lease.lease_id)?
+            .is_some()
+        {
+            return Err(Error::already_exists(format!(
+                "lease {} already exists",
+                lease.lease_id
+            )));
         }
         lease.created_at = Some(Timestamp::now());
-        store.leases.put(txn, call.namespace(), &lease.lease_id, &lease)?;
-        let event = LeaseEvent { lease_id: lease.lease_id.clone() };
-        store.outbox.push(txn, call.namespace(), "leases.create", 1, &event)?;
+        store
+            .leases
+            .put(txn, call.namespace(), &lease.lease_id, &lease)?;
+        let event = LeaseEvent {
+            lease_id: lease.lease_id.clone(),
+        };
+        store
+            .outbox
+            .push(txn, call.namespace(), "leases.create", 1, &event)?;
         Ok(pb::LeaseReply { lease: Some(lease) })
     })
 }
 
 /// `leases.add`: attaches resources to a lease.
-pub(crate) async fn add(svc: Arc<MetadataService>, call: Call, req: pb::AddLeaseResourcesRequest) -> Result<pb::LeaseReply> {
+pub(crate) async fn add(
+    svc: Arc<MetadataService>,
+    call: Call,
+    req: pb::AddLeaseResourcesRequest,
+) -> Result<pb::LeaseReply> {
     for resource in &req.resources {
         if !(resource.starts_with("content/") || resource.starts_with("snapshot/")) {
-            return Err(Error::invalid(format!("unknown lease resource {resource:?}")));
+            return Err(Error::invalid(format!(
+                "unknown lease resource {resource:?}"
+            )));
         }
     }
     let store = &svc.store;
@@ -44,26 +67,40 @@ pub(crate) async fn add(svc: Arc<MetadataService>, call: Call, req: pb::AddLease
                 lease.resources.push(resource.clone());
             }
         }
-        store.leases.put(txn, call.namespace(), &lease.lease_id, &lease)?;
+        store
+            .leases
+            .put(txn, call.namespace(), &lease.lease_id, &lease)?;
         Ok(pb::LeaseReply { lease: Some(lease) })
     })
 }
 
 /// `leases.delete`: what only the lease held goes at the next gc.
-pub(crate) async fn delete(svc: Arc<MetadataService>, call: Call, req: pb::DeleteLeaseRequest) -> Result<pb::DeleteReply> {
+pub(crate) async fn delete(
+    svc: Arc<MetadataService>,
+    call: Call,
+    req: pb::DeleteLeaseRequest,
+) -> Result<pb::DeleteReply> {
     let store = &svc.store;
     store.mutate(&call, |txn| {
         if !store.leases.delete(txn, call.namespace(), &req.lease_id)? {
             return Err(Error::not_found(format!("no such lease: {}", req.lease_id)));
         }
-        let event = LeaseEvent { lease_id: req.lease_id.clone() };
-        store.outbox.push(txn, call.namespace(), "leases.delete", 2, &event)?;
+        let event = LeaseEvent {
+            lease_id: req.lease_id.clone(),
+        };
+        store
+            .outbox
+            .push(txn, call.namespace(), "leases.delete", 2, &event)?;
         Ok(pb::DeleteReply {})
     })
 }
 
 /// `leases.list`.
-pub(crate) async fn list(svc: Arc<MetadataService>, call: Call, _req: pb::ListLeasesRequest) -> Result<pb::ListLeasesReply> {
+pub(crate) async fn list(
+    svc: Arc<MetadataService>,
+    call: Call,
+    _req: pb::ListLeasesRequest,
+) -> Result<pb::ListLeasesReply> {
     let txn = svc.store.env.read_txn()?;
     let leases = svc.store.leases.list(&txn, call.namespace())?;
     Ok(pb::ListLeasesReply { leases })
@@ -71,7 +108,10 @@ pub(crate) async fn list(svc: Arc<MetadataService>, call: Call, _req: pb::ListLe
 
 /// True when the lease has an expiry that has passed.
 pub fn expired(lease: &Lease, now: i64) -> bool {
-    lease.expires_at.as_ref().is_some_and(|t| t.unix_nanos > 0 && t.unix_nanos <= now)
+    lease
+        .expires_at
+        .as_ref()
+        .is_some_and(|t| t.unix_nanos > 0 && t.unix_nanos <= now)
 }
 
 /// Removes every expired lease and queues `leases.expire` for each; returns
@@ -84,8 +124,12 @@ pub fn expire(store: &Store) -> Result<usize> {
         for lease in store.leases.list(&txn, &namespace)? {
             if expired(&lease, now) {
                 store.leases.delete(&mut txn, &namespace, &lease.lease_id)?;
-                let event = LeaseEvent { lease_id: lease.lease_id.clone() };
-                store.outbox.push(&mut txn, &namespace, "leases.expire", 2, &event)?;
+                let event = LeaseEvent {
+                    lease_id: lease.lease_id.clone(),
+                };
+                store
+                    .outbox
+                    .push(&mut txn, &namespace, "leases.expire", 2, &event)?;
                 removed += 1;
             }
         }

@@ -29,12 +29,18 @@ pub fn status_name(status: i32) -> &'static str {
 /// `tasks.reserve`: claims the container's task for a node and generation;
 /// `FailedPrecondition` when a task is reserved already (a retry of the same
 /// reservation returns it).
-pub(crate) async fn reserve(svc: Arc<MetadataService>, call: Call, req: pb::ReserveTaskRequest) -> Result<pb::TaskReply> {
+pub(crate) async fn reserve(
+    svc: Arc<MetadataService>,
+    call: Call,
+    req: pb::ReserveTaskRequest,
+) -> Result<pb::TaskReply> {
     call.record("container_id", &req.container_id);
     subject::check_token("node id", &req.node)?;
     let store = &svc.store;
     store.mutate(&call, |txn| {
-        store.containers.require(txn, call.namespace(), &req.container_id)?;
+        store
+            .containers
+            .require(txn, call.namespace(), &req.container_id)?;
         if let Some(task) = store.tasks.get(txn, call.namespace(), &req.container_id)? {
             if task.generation == req.generation && task.node == req.node {
                 return Ok(pb::TaskReply { task: Some(task) });
@@ -54,13 +60,19 @@ pub(crate) async fn reserve(svc: Arc<MetadataService>, call: Call, req: pb::Rese
             status: TaskStatus::Created as i32,
             ..Default::default()
         };
-        store.tasks.put(txn, call.namespace(), &req.container_id, &task)?;
+        store
+            .tasks
+            .put(txn, call.namespace(), &req.container_id, &task)?;
         Ok(pb::TaskReply { task: Some(task) })
     })
 }
 
 /// `tasks.release`: the task was deleted; the container may go.
-pub(crate) async fn release(svc: Arc<MetadataService>, call: Call, req: pb::ReleaseTaskRequest) -> Result<pb::DeleteReply> {
+pub(crate) async fn release(
+    svc: Arc<MetadataService>,
+    call: Call,
+    req: pb::ReleaseTaskRequest,
+) -> Result<pb::DeleteReply> {
     call.record("container_id", &req.container_id);
     let store = &svc.store;
     store.mutate(&call, |txn| {
@@ -71,21 +83,34 @@ pub(crate) async fn release(svc: Arc<MetadataService>, call: Call, req: pb::Rele
                     req.container_id, task.generation, req.generation
                 )));
             }
-            store.tasks.delete(txn, call.namespace(), &req.container_id)?;
+            store
+                .tasks
+                .delete(txn, call.namespace(), &req.container_id)?;
         }
         Ok(pb::DeleteReply {})
     })
 }
 
 /// `tasks.get`.
-pub(crate) async fn get(svc: Arc<MetadataService>, call: Call, req: pb::GetTaskRequest) -> Result<pb::TaskReply> {
+pub(crate) async fn get(
+    svc: Arc<MetadataService>,
+    call: Call,
+    req: pb::GetTaskRequest,
+) -> Result<pb::TaskReply> {
     let txn = svc.store.env.read_txn()?;
-    let task = svc.store.tasks.require(&txn, call.namespace(), &req.container_id)?;
+    let task = svc
+        .store
+        .tasks
+        .require(&txn, call.namespace(), &req.container_id)?;
     Ok(pb::TaskReply { task: Some(task) })
 }
 
 /// `tasks.list`.
-pub(crate) async fn list(svc: Arc<MetadataService>, call: Call, req: pb::ListTasksRequest) -> Result<pb::ListTasksReply> {
+pub(crate) async fn list(
+    svc: Arc<MetadataService>,
+    call: Call,
+    req: pb::ListTasksRequest,
+) -> Result<pb::ListTasksReply> {
     let txn = svc.store.env.read_txn()?;
     let tasks = svc
         .store
@@ -112,7 +137,7 @@ pub fn apply(store: &Store, delivered: &Delivered) -> Result<bool> {
 
 fn apply_in(store: &Store, txn: &mut RwTxn, delivered: &Delivered) -> Result<bool> {
     let envelope = &delivered.envelope;
-    let event = TaskEvent::decode(envelope.payload.as_slice())?;
+    let event = TaskEvent::decode(envelope.payload.clone())?;
     let namespace = envelope.namespace.as_str();
     let Some(mut task) = store.tasks.get(txn, namespace, &event.container_id)? else {
         return Ok(false);
@@ -143,6 +168,8 @@ fn apply_in(store: &Store, txn: &mut RwTxn, delivered: &Delivered) -> Result<boo
         _ => return Ok(false),
     }
     task.event_version = delivered.cursor.seq;
-    store.tasks.put(txn, namespace, &event.container_id, &task)?;
+    store
+        .tasks
+        .put(txn, namespace, &event.container_id, &task)?;
     Ok(true)
 }

@@ -1,0 +1,232 @@
+//! berth's gc service: mark and sweep over the reference graph.
+//!
+//! A run takes an epoch and the roots of every namespace from metadata
+//! (`gc.mark`), derives each namespace's live set by reading manifests,
+//! indexes and configs from content ([`mark`]), then asks the owners of the
+//! bytes to drop the rest unless touched since the epoch: content per blob,
+//! and every node's snapshot service in one prune per namespace. Content and
+//! snapshot holds are per namespace, so each namespace is marked and swept
+//! on its own; bytes leave the disk when no namespace holds them.
+//!
+//! Subjects: `berth.v1.<namespace>.gc.run` (`proto/berth/v1/gc.proto`). A
+//! run publishes `gc.done`. Runs start on request, after deletion events and
+//! on a timer ([`Config::interval`]).
+
+pub mod chain;
+pub mod error;
+pub mod events;
+pub mod mark;
+
+mod convert;
+mod handlers;
+mod remote;
+mod schedule;
+mod sweep;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use berth_bus::{Client, Error, Result, Service};
+use berth_proto::gc::GcDone;
+
+use error::GcError;
+use mark::Graph;
+use remote::Remote;
+use sweep::Sweep;
+
+/// What the gc service needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How often gc runs without a trigger; default 60 s, at least 100 ms.
+    pub interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How long one `gc.run` request may take, waiting for a run in progress
+/// included.
+const RUN_DEADLINE: Duration = Duration::from_secs(600);
+
+/// The running service's state.
+pub struct GcService {
+    remote: Remote,
+    js: jetstream::Context,
+    /// Held for the whole of a run, so runs never overlap.
+    runs: Mutex<Runs>,
+    /// How many runs have started; read without the lock to tell whether a
+    /// later run started after a caller arrived.
+    started: AtomicU64,
+}
+
+/// What lives across runs.
+#[derive(Default)]
+struct Runs {
+    graph: Graph,
+    /// The number and outcome of the last run that was not a dry run.
+    last: Option<(u64, Result<GcDone>)>,
+}
+
+impl GcService {
+    fn new(client: Client, js: jetstream::Context) -> Self {
+        GcService {
+            remote: Remote::new(client),
+            js,
+            runs: Mutex::new(Runs::default()),
+            started: AtomicU64::new(0),
+        }
+    }
+
+    /// Runs gc once, marking from a point after this call, and returns what
+    /// went. A run in progress is waited for first, and callers that waited
+    /// for the same one share the one run that follows it.
+    ///
+    /// The run goes on even if the caller stops waiting.
+    pub async fn collect_now(self: &Arc<Self>, namespace: &str, dry_run: bool) -> Result<GcDone> {
+        let svc = self.clone();
+        let namespace = namespace.to_string();
+        tokio::spawn(async move { svc.collect_after_arrival(&namespace, dry_run).await })
+            .await
+            .map_err(|err| Error::internal(format!("gc run stopped: {err}")))?
+    }
+
+    async fn collect_after_arrival(&self, namespace: &str, dry_run: bool) -> Result<GcDone> {
+        let arrived_after = self.started.load(Ordering::SeqCst);
+        let mut runs = self.runs.lock().await;
+        // A run numbered past what had started when this caller arrived
+        // marked after it arrived, so its outcome answers this call too.
+        if let (false, Some((run, outcome))) = (dry_run, &runs.last) {
+            if *run > arrived_after {
+                return outcome.clone();
+            }
+        }
+
+        let run = self.started.fetch_add(1, Ordering::SeqCst) + 1;
+        let outcome = self
+            .collect(&mut runs.graph, namespace, dry_run)
+            .await
+            .map_err(Error::from);
+        if !dry_run {
+            runs.last = Some((run, outcome.clone()));
+        }
+        outcome
+    }
+
+    /// One run: mark, derive every live set, sweep, publish `gc.done`.
+    async fn collect(
+        &self,
+        graph: &mut Graph,
+        namespace: &str,
+        dry_run: bool,
+    ) -> Result<GcDone, GcError> {
+        let started = Instant::now();
+        let mark = self.remote.mark(namespace).await.map_err(GcError::Mark)?;
+
+        // Every live set is known before anything is deleted: a namespace
+        // whose manifests cannot be read fails the run, not its sweep.
+        let mut live_sets = Vec::with_capacity(mark.namespaces.len());
+        for roots in &mark.namespaces {
+            let roots = convert::roots(roots);
+            live_sets.push((
+                roots.namespace.clone(),
+                graph.live_set(&self.remote, &roots).await?,
+            ));
+        }
+        graph.forget_unreached();
+
+        let nodes = match self.remote.snapshot_nodes(remote::DISCOVERY_WINDOW).await {
+            Ok(nodes) => nodes,
+            Err(err) => {
+                tracing::warn!(error = %err, "snapshot nodes not discovered; snapshots not pruned");
+                Default::default()
+            }
+        };
+        let sweep = Sweep {
+            remote: &self.remote,
+            nodes: &nodes,
+            epoch: mark.epoch,
+            dry_run,
+        };
+        let mut namespaces = Vec::new();
+        for (namespace, live) in &live_sets {
+            let result = sweep.namespace(namespace, live).await;
+            if sweep::removed_any(&result) {
+                namespaces.push(result);
+            }
+        }
+
+        let done = GcDone {
+            epoch: mark.epoch,
+            namespaces,
+            duration_micros: started.elapsed().as_micros() as u64,
+            dry_run,
+        };
+        log_done(&done, nodes.len());
+        // A dry run changes nothing, so it is no event.
+        if !dry_run {
+            if let Err(err) = events::publish_done(&self.js, &done).await {
+                tracing::warn!(error = %err, "event gc.done not published");
+            }
+        }
+        Ok(done)
+    }
+}
+
+fn log_done(done: &GcDone, nodes: usize) {
+    let blobs: usize = done.namespaces.iter().map(|ns| ns.blobs.len()).sum();
+    let snapshots: usize = done.namespaces.iter().map(|ns| ns.snapshots.len()).sum();
+    let freed_bytes: i64 = done.namespaces.iter().map(|ns| ns.freed_bytes).sum();
+    tracing::info!(
+        epoch = done.epoch,
+        blobs,
+        snapshots,
+        freed_bytes,
+        nodes,
+        dry_run = done.dry_run,
+        duration_micros = done.duration_micros,
+        "gc sweep done"
+    );
+}
+
+/// Serves the gc service on `nats` until `shutdown` is cancelled: the `run`
+/// op, the deletion-event trigger and the timer.
+pub async fn run(
+    nats: async_nats::Client,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let js = jetstream::new(nats.clone());
+    berth_bus::events::ensure_stream(&js).await?;
+    let client = Client::new(nats.clone(), berth_bus::client::DEFAULT_TIMEOUT);
+    let svc = Arc::new(GcService::new(client, js.clone()));
+
+    let (trigger, triggers) = mpsc::channel(1);
+    let watcher = tokio::spawn(schedule::watch_deletions(js, trigger, shutdown.clone()));
+    let interval = config.interval.max(Duration::from_millis(100));
+    let scheduler = tokio::spawn(schedule::schedule(
+        svc.clone(),
+        interval,
+        triggers,
+        shutdown.clone(),
+    ));
+
+    let serving = Service::new("gc", env!("CARGO_PKG_VERSION"), svc)
+        .deadline(RUN_DEADLINE)
+        .op("run", handlers::run)
+        .serve(nats)
+        .await?;
+    shutdown.cancelled().await;
+    serving.stop().await;
+    let _ = tokio::join!(watcher, scheduler);
+    Ok(())
+}

@@ -1,0 +1,490 @@
+//! The detached shim process: reaper, runc calls and the socket server.
+//!
+//! Every child exit goes through one reaper thread (`waitpid(-1)`), because
+//! the shim is a subreaper and must collect orphans too. A runc command is
+//! therefore never waited on directly: its pid is registered under the state
+//! lock before the reaper can look it up, and the reaper hands its status
+//! back through the condition variable.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::errno::Errno;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use super::protocol::{
+    write_atomic, ExitRecord, Reply, Request, TaskState, TaskStatus, EXIT_FILE, INIT_PID_FILE,
+    MAX_LINE, RUNC_LOG_FILE, RUNC_ROOT_DIR, SHIM_PID_FILE, STDERR_FILE, STDOUT_FILE,
+};
+
+/// How the shim was invoked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShimConfig {
+    /// The container id given to runc.
+    pub container_id: String,
+    /// The OCI bundle (absolute once the shim has started).
+    pub bundle: PathBuf,
+    /// The state directory (absolute once the shim has started).
+    pub state_dir: PathBuf,
+    /// The runc binary; a bare name is looked up in PATH.
+    pub runc: PathBuf,
+    /// The socket path; defaults to `<state>/shim.sock`.
+    pub socket: PathBuf,
+}
+
+/// Exits of pids nobody waits for yet, kept in case one is the init that
+/// died before its pid file was read.
+const UNCLAIMED_EXITS: usize = 64;
+
+/// Stack of a connection thread: requests are small and parsing is shallow,
+/// and a small stack keeps the shim's footprint down.
+const CONNECTION_STACK: usize = 128 * 1024;
+
+/// How long a connection may stay silent before the shim drops it.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long `delete` waits for the killed init to be reaped.
+const DELETE_REAP_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct State {
+    init_pid: Option<i32>,
+    started: bool,
+    exit: Option<ExitRecord>,
+    /// runc children in flight: pid -> exit status once reaped.
+    runc_children: HashMap<i32, Option<i32>>,
+    unclaimed: VecDeque<(i32, ExitRecord)>,
+}
+
+pub(crate) struct Shim {
+    cfg: ShimConfig,
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Serializes runc commands, so each failure reads its own log lines.
+    runc_lock: Mutex<()>,
+}
+
+impl Shim {
+    pub(crate) fn new(cfg: ShimConfig) -> Arc<Shim> {
+        Arc::new(Shim {
+            cfg,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            runc_lock: Mutex::new(()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the reaper thread. SIGCHLD must already be blocked in every
+    /// thread (see [`block_sigchld`]).
+    pub(crate) fn start_reaper(self: &Arc<Self>) -> std::io::Result<()> {
+        let shim = Arc::clone(self);
+        thread::Builder::new()
+            .name("reaper".into())
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || shim.reap_forever())
+            .map(|_| ())
+    }
+
+    fn reap_forever(&self) -> ! {
+        let mut set = nix::sys::signal::SigSet::empty();
+        set.add(nix::sys::signal::Signal::SIGCHLD);
+        let timeout = libc::timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        loop {
+            // The timeout makes a lost wakeup cost a second, never a hang.
+            // SAFETY: the set and timeout are valid for the call.
+            unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &timeout) };
+            self.reap_all();
+        }
+    }
+
+    fn reap_all(&self) {
+        loop {
+            let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid.as_raw(), code),
+                Ok(WaitStatus::Signaled(pid, signal, _)) => (pid.as_raw(), 128 + signal as i32),
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(_) => return,
+            };
+            let record = ExitRecord {
+                status,
+                exited_at: now_nanos(),
+                acked: false,
+            };
+
+            let mut st = self.lock();
+            if let Some(slot) = st.runc_children.get_mut(&pid) {
+                *slot = Some(status);
+                self.changed.notify_all();
+            } else if st.init_pid == Some(pid) {
+                drop(st);
+                self.record_exit(record);
+            } else {
+                if st.unclaimed.len() == UNCLAIMED_EXITS {
+                    st.unclaimed.pop_front();
+                }
+                st.unclaimed.push_back((pid, record));
+            }
+        }
+    }
+
+    /// Makes the init's exit durable in `exit.json`, then tells waiters.
+    fn record_exit(&self, record: ExitRecord) {
+        if let Err(err) = self.write_exit(&record) {
+            // Waiters still get the status; only recovery after a shim crash
+            // loses it.
+            eprintln!("failed to write exit record: {err}");
+        }
+        let mut st = self.lock();
+        st.exit = Some(record);
+        self.changed.notify_all();
+    }
+
+    fn write_exit(&self, record: &ExitRecord) -> std::io::Result<()> {
+        let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        write_atomic(&self.cfg.state_dir.join(EXIT_FILE), &json)
+    }
+
+    /// Runs runc with the shim's global flags and waits for it through the
+    /// reaper. On failure returns runc's own error message.
+    fn runc(&self, args: &[&std::ffi::OsStr], stdout: Stdio, stderr: Stdio) -> Result<(), String> {
+        let _serial = self.runc_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let log = self.cfg.state_dir.join(RUNC_LOG_FILE);
+        let offset = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let mut cmd = Command::new(&self.cfg.runc);
+        cmd.arg("--root")
+            .arg(self.cfg.state_dir.join(RUNC_ROOT_DIR))
+            .arg("--log")
+            .arg(&log)
+            .arg("--log-format")
+            .arg("json")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        let op = args
+            .first()
+            .map(|a| a.to_string_lossy())
+            .unwrap_or_default();
+
+        // Registering under the lock means the reaper, which takes the lock
+        // after reaping, always finds the pid.
+        let pid = {
+            let mut st = self.lock();
+            let child = cmd
+                .spawn()
+                .map_err(|e| format!("failed to run {}: {e}", self.cfg.runc.display()))?;
+            let pid = child.id() as i32;
+            st.runc_children.insert(pid, None);
+            pid
+        };
+        let status = {
+            let mut st = self.lock();
+            loop {
+                if let Some(Some(status)) = st.runc_children.get(&pid) {
+                    let status = *status;
+                    st.runc_children.remove(&pid);
+                    break status;
+                }
+                st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+
+        if status == 0 {
+            return Ok(());
+        }
+        Err(runc_error(&log, offset)
+            .unwrap_or_else(|| format!("runc {op} exited with status {status}")))
+    }
+
+    /// `runc create`, with the container's stdio appended to the log files,
+    /// then learns the init pid.
+    pub(crate) fn create(&self) -> Result<u32, String> {
+        let open = |name: &str| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.cfg.state_dir.join(name))
+                .map_err(|e| format!("failed to open {name}: {e}"))
+        };
+        let (stdout, stderr) = (open(STDOUT_FILE)?, open(STDERR_FILE)?);
+        let pid_file = self.cfg.state_dir.join(INIT_PID_FILE);
+        self.runc(
+            &[
+                "create".as_ref(),
+                "--bundle".as_ref(),
+                self.cfg.bundle.as_os_str(),
+                "--pid-file".as_ref(),
+                pid_file.as_os_str(),
+                self.cfg.container_id.as_ref(),
+            ],
+            stdout.into(),
+            stderr.into(),
+        )?;
+
+        let text =
+            fs::read_to_string(&pid_file).map_err(|e| format!("failed to read init pid: {e}"))?;
+        let pid: i32 = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("invalid init pid {:?}", text.trim()))?;
+
+        // The init may have died before its pid was known.
+        let mut st = self.lock();
+        st.init_pid = Some(pid);
+        if let Some(pos) = st.unclaimed.iter().position(|(p, _)| *p == pid) {
+            let (_, record) = st
+                .unclaimed
+                .remove(pos)
+                .unwrap_or((pid, ExitRecord::default()));
+            drop(st);
+            self.record_exit(record);
+        }
+        Ok(pid as u32)
+    }
+
+    /// Accepts connections forever, one small thread each.
+    pub(crate) fn serve(self: Arc<Self>, listener: UnixListener) -> ! {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let shim = Arc::clone(&self);
+            let spawned = thread::Builder::new()
+                .stack_size(CONNECTION_STACK)
+                .spawn(move || shim.connection(stream));
+            if let Err(err) = spawned {
+                eprintln!("failed to start a connection thread: {err}");
+            }
+        }
+        unreachable!("incoming() never ends");
+    }
+
+    fn connection(&self, stream: UnixStream) {
+        let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+        let Ok(mut writer) = stream.try_clone() else {
+            return;
+        };
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut line = String::new();
+            match (&mut reader).take(MAX_LINE as u64).read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let too_long = !line.ends_with('\n') && line.len() >= MAX_LINE;
+            let (reply, exit_after) = match serde_json::from_str::<Request>(&line) {
+                _ if too_long => (error_reply("request line too long"), false),
+                Ok(request) => self.handle(request),
+                Err(err) => (error_reply(&format!("malformed request: {err}")), false),
+            };
+
+            let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+            out.push(b'\n');
+            let sent = writer.write_all(&out).and_then(|_| writer.flush());
+            if exit_after {
+                self.cleanup_and_exit();
+            }
+            if sent.is_err() || too_long {
+                return;
+            }
+        }
+    }
+
+    /// Acts on one request; the flag asks the shim to exit after replying.
+    fn handle(&self, request: Request) -> (Reply, bool) {
+        let id = &self.cfg.container_id;
+        let reply = match request {
+            Request::Start => self.start(),
+            Request::State => Reply::State(self.state()),
+            Request::Kill { signal, all } => {
+                let signal = signal.to_string();
+                let mut args: Vec<&std::ffi::OsStr> = vec!["kill".as_ref()];
+                if all {
+                    args.push("--all".as_ref());
+                }
+                args.push(id.as_ref());
+                args.push(signal.as_ref());
+                match self.runc(&args, Stdio::null(), Stdio::null()) {
+                    Ok(()) => Reply::Killed,
+                    Err(message) => Reply::Error { message },
+                }
+            }
+            Request::Wait => Reply::Exited(self.wait(None).unwrap_or_default()),
+            Request::Delete => return self.delete(),
+            Request::AckExit => self.ack_exit(),
+        };
+        (reply, false)
+    }
+
+    fn start(&self) -> Reply {
+        let id = &self.cfg.container_id;
+        {
+            let st = self.lock();
+            if st.exit.is_some() {
+                return error_reply(&format!("container {id:?} has already exited"));
+            }
+            if st.started {
+                return error_reply(&format!("container {id:?} is already started"));
+            }
+        }
+        let result = self.runc(
+            &["start".as_ref(), id.as_ref()],
+            Stdio::null(),
+            Stdio::null(),
+        );
+        let mut st = self.lock();
+        match result {
+            Ok(()) => {
+                st.started = true;
+                Reply::Started {
+                    pid: st.init_pid.unwrap_or_default() as u32,
+                }
+            }
+            Err(message) => Reply::Error { message },
+        }
+    }
+
+    fn state(&self) -> TaskState {
+        let st = self.lock();
+        let status = match (&st.exit, st.started) {
+            (Some(_), _) => TaskStatus::Stopped,
+            (None, true) => TaskStatus::Running,
+            (None, false) => TaskStatus::Created,
+        };
+        TaskState {
+            status,
+            pid: st.init_pid.unwrap_or_default() as u32,
+            exit: st.exit,
+        }
+    }
+
+    /// Blocks until the init's exit is known, or until `timeout` passes.
+    fn wait(&self, timeout: Option<Duration>) -> Option<ExitRecord> {
+        let st = self.lock();
+        let st = match timeout {
+            None => self
+                .changed
+                .wait_while(st, |s| s.exit.is_none())
+                .unwrap_or_else(|e| e.into_inner()),
+            Some(t) => {
+                self.changed
+                    .wait_timeout_while(st, t, |s| s.exit.is_none())
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+        };
+        st.exit
+    }
+
+    fn delete(&self) -> (Reply, bool) {
+        let id = &self.cfg.container_id;
+        let args = ["delete".as_ref(), "--force".as_ref(), id.as_ref()];
+        if let Err(message) = self.runc(&args, Stdio::null(), Stdio::null()) {
+            return (Reply::Error { message }, false);
+        }
+
+        // The forced delete killed a live init: give the reaper the chance
+        // to record it, so waiters and exit.json see the real status.
+        let has_init = self.lock().init_pid.is_some();
+        let exit = if has_init {
+            self.wait(Some(DELETE_REAP_TIMEOUT))
+        } else {
+            None
+        };
+        (Reply::Deleted { exit }, true)
+    }
+
+    fn ack_exit(&self) -> Reply {
+        let mut st = self.lock();
+        let Some(mut record) = st.exit else {
+            let id = &self.cfg.container_id;
+            return error_reply(&format!("container {id:?} has not exited"));
+        };
+        record.acked = true;
+        if let Err(err) = self.write_exit(&record) {
+            return error_reply(&format!("failed to write exit record: {err}"));
+        }
+        st.exit = Some(record);
+        Reply::Acked
+    }
+
+    /// Removes the shim's files after `delete` and exits. The logs stay for
+    /// the task service, and `exit.json` stays until its exit is acknowledged.
+    fn cleanup_and_exit(&self) -> ! {
+        let acked = self.lock().exit.is_some_and(|e| e.acked);
+        let state = &self.cfg.state_dir;
+        let _ = fs::remove_file(&self.cfg.socket);
+        for name in [SHIM_PID_FILE, INIT_PID_FILE, RUNC_LOG_FILE] {
+            let _ = fs::remove_file(state.join(name));
+        }
+        if acked {
+            let _ = fs::remove_file(state.join(EXIT_FILE));
+        }
+        let _ = fs::remove_dir(state.join(RUNC_ROOT_DIR));
+        std::process::exit(0)
+    }
+
+    /// Undoes a start-up that failed after the socket was bound; with
+    /// `runc_state`, also what a failed `runc create` may have left.
+    pub(crate) fn abandon(&self, runc_state: bool) {
+        if runc_state {
+            let id = &self.cfg.container_id;
+            let args = ["delete".as_ref(), "--force".as_ref(), id.as_ref()];
+            let _ = self.runc(&args, Stdio::null(), Stdio::null());
+        }
+        let _ = fs::remove_file(&self.cfg.socket);
+        let _ = fs::remove_file(self.cfg.state_dir.join(SHIM_PID_FILE));
+    }
+}
+
+fn error_reply(message: &str) -> Reply {
+    Reply::Error {
+        message: message.to_string(),
+    }
+}
+
+/// The last error runc logged after `offset` in its JSON log.
+fn runc_error(log: &std::path::Path, offset: u64) -> Option<String> {
+    let bytes = fs::read(log).ok()?;
+    let new = bytes.get(offset as usize..)?;
+    String::from_utf8_lossy(new)
+        .lines()
+        .rev()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|v| v["level"] == "error" || v["level"] == "fatal")
+        .find_map(|v| v["msg"].as_str().map(str::to_string))
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Blocks SIGCHLD in the calling thread (and the threads it starts later),
+/// with the default disposition, so the reaper can take it synchronously.
+/// Children started through `std::process` get an empty mask back.
+pub(crate) fn block_sigchld() -> nix::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: installing the default disposition runs no handler code.
+    unsafe { sigaction(Signal::SIGCHLD, &default)? };
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGCHLD);
+    set.thread_block()
+}

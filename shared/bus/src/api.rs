@@ -1,0 +1,232 @@
+//! Typed clients: one method per op of each service, each a request with the
+//! client's timeout. Mutating ops take a fresh request id per call; a caller
+//! that wants to retry with the same id uses [`Client::call_mut`] directly.
+
+use berth_proto::{content, gc, metadata, snapshot, task};
+
+use crate::client::{new_request_id, Client};
+use crate::error::Result;
+use crate::subject;
+
+macro_rules! read_op {
+    ($(#[$doc:meta])* $name:ident, $op:literal, $req:ty, $rep:ty) => {
+        $(#[$doc])*
+        pub async fn $name(&self, request: &$req) -> Result<$rep> {
+            let subject = self.subject($op)?;
+            self.client.call(&subject, request).await
+        }
+    };
+}
+
+macro_rules! mut_op {
+    ($(#[$doc:meta])* $name:ident, $op:literal, $req:ty, $rep:ty) => {
+        $(#[$doc])*
+        pub async fn $name(&self, request: &$req) -> Result<$rep> {
+            let subject = self.subject($op)?;
+            self.client.call_mut(&subject, request, &new_request_id()).await
+        }
+    };
+}
+
+/// The content service of a namespace.
+#[derive(Clone, Debug)]
+pub struct Content {
+    /// The connection.
+    pub client: Client,
+    /// The namespace.
+    pub namespace: String,
+}
+
+impl Content {
+    fn subject(&self, op: &str) -> Result<String> {
+        subject::op(&self.namespace, "content", op)
+    }
+    read_op!(/// `info`.
+        info, "info", content::InfoRequest, content::InfoReply);
+    read_op!(/// `list`.
+        list, "list", content::ListRequest, content::ListReply);
+    read_op!(/// `read`.
+        read, "read", content::ReadRequest, content::ReadReply);
+    read_op!(/// `status`.
+        status, "status", content::StatusRequest, content::StatusReply);
+    read_op!(/// `ingests`.
+        ingests, "ingests", content::IngestsRequest, content::IngestsReply);
+    mut_op!(/// `update`.
+        update, "update", content::UpdateRequest, content::UpdateReply);
+    mut_op!(/// `open`.
+        open, "open", content::OpenRequest, content::OpenReply);
+    mut_op!(/// `write`.
+        write, "write", content::WriteRequest, content::WriteReply);
+    mut_op!(/// `commit`.
+        commit, "commit", content::CommitRequest, content::CommitReply);
+    mut_op!(/// `abort`.
+        abort, "abort", content::AbortRequest, content::AbortReply);
+    mut_op!(/// `delete`.
+        delete, "delete", content::DeleteRequest, content::DeleteReply);
+
+    /// Reads a whole blob by pulling chunks, a few in flight.
+    pub async fn read_all(&self, digest: &str) -> Result<Vec<u8>> {
+        use futures::StreamExt;
+        let info = self
+            .info(&content::InfoRequest {
+                digest: digest.to_string(),
+            })
+            .await?;
+        let size = info.info.map(|info| info.size).unwrap_or_default().max(0) as u64;
+        let mut out = Vec::with_capacity(size as usize);
+        let chunks = crate::chunk::pull(
+            size,
+            self.client.max_body(),
+            crate::chunk::IN_FLIGHT,
+            |offset, length| {
+                let request = content::ReadRequest {
+                    digest: digest.to_string(),
+                    offset: offset as i64,
+                    length: length as i64,
+                };
+                async move { Ok(self.read(&request).await?.data) }
+            },
+        );
+        futures::pin_mut!(chunks);
+        while let Some(chunk) = chunks.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+}
+
+/// The metadata service of a namespace.
+#[derive(Clone, Debug)]
+pub struct Metadata {
+    /// The connection.
+    pub client: Client,
+    /// The namespace.
+    pub namespace: String,
+}
+
+impl Metadata {
+    fn subject(&self, op: &str) -> Result<String> {
+        subject::op(&self.namespace, "metadata", op)
+    }
+    mut_op!(/// `images.create`.
+        create_image, "images.create", metadata::CreateImageRequest, metadata::ImageReply);
+    mut_op!(/// `images.update`.
+        update_image, "images.update", metadata::UpdateImageRequest, metadata::ImageReply);
+    read_op!(/// `images.get`.
+        get_image, "images.get", metadata::GetImageRequest, metadata::ImageReply);
+    read_op!(/// `images.list`.
+        list_images, "images.list", metadata::ListImagesRequest, metadata::ListImagesReply);
+    mut_op!(/// `images.delete`.
+        delete_image, "images.delete", metadata::DeleteImageRequest, metadata::DeleteReply);
+    mut_op!(/// `containers.create`.
+        create_container, "containers.create", metadata::CreateContainerRequest, metadata::ContainerReply);
+    read_op!(/// `containers.get`.
+        get_container, "containers.get", metadata::GetContainerRequest, metadata::ContainerReply);
+    read_op!(/// `containers.list`.
+        list_containers, "containers.list", metadata::ListContainersRequest, metadata::ListContainersReply);
+    mut_op!(/// `containers.delete`.
+        delete_container, "containers.delete", metadata::DeleteContainerRequest, metadata::DeleteReply);
+    mut_op!(/// `tasks.reserve`.
+        reserve_task, "tasks.reserve", metadata::ReserveTaskRequest, metadata::TaskReply);
+    mut_op!(/// `tasks.release`.
+        release_task, "tasks.release", metadata::ReleaseTaskRequest, metadata::DeleteReply);
+    read_op!(/// `tasks.get`.
+        get_task, "tasks.get", metadata::GetTaskRequest, metadata::TaskReply);
+    read_op!(/// `tasks.list`.
+        list_tasks, "tasks.list", metadata::ListTasksRequest, metadata::ListTasksReply);
+    mut_op!(/// `leases.create`.
+        create_lease, "leases.create", metadata::CreateLeaseRequest, metadata::LeaseReply);
+    mut_op!(/// `leases.add`.
+        add_lease_resources, "leases.add", metadata::AddLeaseResourcesRequest, metadata::LeaseReply);
+    mut_op!(/// `leases.delete`.
+        delete_lease, "leases.delete", metadata::DeleteLeaseRequest, metadata::DeleteReply);
+    read_op!(/// `leases.list`.
+        list_leases, "leases.list", metadata::ListLeasesRequest, metadata::ListLeasesReply);
+    read_op!(/// `gc.mark`.
+        mark, "gc.mark", metadata::MarkRequest, metadata::MarkReply);
+}
+
+/// The snapshot service of a namespace on one node.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// The connection.
+    pub client: Client,
+    /// The namespace.
+    pub namespace: String,
+    /// The node.
+    pub node: String,
+}
+
+impl Snapshot {
+    fn subject(&self, op: &str) -> Result<String> {
+        subject::node_op(&self.namespace, "snapshot", &self.node, op)
+    }
+    mut_op!(/// `prepare`.
+        prepare, "prepare", snapshot::PrepareRequest, snapshot::PrepareReply);
+    mut_op!(/// `view`.
+        view, "view", snapshot::ViewRequest, snapshot::PrepareReply);
+    mut_op!(/// `commit`.
+        commit, "commit", snapshot::CommitRequest, snapshot::CommitReply);
+    read_op!(/// `mounts`.
+        mounts, "mounts", snapshot::MountsRequest, snapshot::MountsReply);
+    read_op!(/// `stat`.
+        stat, "stat", snapshot::StatRequest, snapshot::StatReply);
+    read_op!(/// `list`.
+        list, "list", snapshot::ListRequest, snapshot::ListReply);
+    read_op!(/// `usage`.
+        usage, "usage", snapshot::UsageRequest, snapshot::UsageReply);
+    mut_op!(/// `remove`.
+        remove, "remove", snapshot::RemoveRequest, snapshot::RemoveReply);
+    mut_op!(/// `unpack`.
+        unpack, "unpack", snapshot::UnpackRequest, snapshot::UnpackReply);
+    mut_op!(/// `prune`.
+        prune, "prune", snapshot::PruneRequest, snapshot::PruneReply);
+}
+
+/// The task service of a namespace on one node.
+#[derive(Clone, Debug)]
+pub struct Task {
+    /// The connection.
+    pub client: Client,
+    /// The namespace.
+    pub namespace: String,
+    /// The node.
+    pub node: String,
+}
+
+impl Task {
+    fn subject(&self, op: &str) -> Result<String> {
+        subject::node_op(&self.namespace, "task", &self.node, op)
+    }
+    mut_op!(/// `create`.
+        create, "create", task::CreateRequest, task::CreateReply);
+    mut_op!(/// `start`.
+        start, "start", task::StartRequest, task::StartReply);
+    mut_op!(/// `kill`.
+        kill, "kill", task::KillRequest, task::KillReply);
+    mut_op!(/// `delete`.
+        delete, "delete", task::DeleteRequest, task::DeleteReply);
+    read_op!(/// `state`.
+        state, "state", task::StateRequest, task::StateReply);
+    read_op!(/// `list`.
+        list, "list", task::ListRequest, task::ListReply);
+    read_op!(/// `logs`.
+        logs, "logs", task::LogsRequest, task::LogsReply);
+}
+
+/// The gc service.
+#[derive(Clone, Debug)]
+pub struct Gc {
+    /// The connection.
+    pub client: Client,
+    /// The namespace the request is sent in (a run covers all).
+    pub namespace: String,
+}
+
+impl Gc {
+    fn subject(&self, op: &str) -> Result<String> {
+        subject::op(&self.namespace, "gc", op)
+    }
+    mut_op!(/// `run`.
+        run, "run", gc::RunRequest, gc::GcDone);
+}
