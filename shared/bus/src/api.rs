@@ -181,6 +181,8 @@ impl Snapshot {
         unpack, "unpack", snapshot::UnpackRequest, snapshot::UnpackReply);
     mut_op!(/// `prune`.
         prune, "prune", snapshot::PruneRequest, snapshot::PruneReply);
+    mut_op!(/// `update`.
+        update, "update", snapshot::UpdateRequest, snapshot::UpdateReply);
 }
 
 /// The task service of a namespace on one node.

@@ -50,3 +50,64 @@ where
         })
         .buffered(in_flight.max(1))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn run<F, Fut>(size: u64, chunk: usize, fetch: F) -> Vec<Result<Bytes>>
+    where
+        F: Fn(u64, usize) -> Fut,
+        Fut: Future<Output = Result<Bytes>>,
+    {
+        futures::executor::block_on(pull(size, chunk, IN_FLIGHT, fetch).collect())
+    }
+
+    #[test]
+    fn chunks_come_in_order_and_cover_the_body() {
+        let body: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let chunks = run(body.len() as u64, 64, |offset, length| {
+            let data = Bytes::copy_from_slice(&body[offset as usize..offset as usize + length]);
+            async move { Ok(data) }
+        });
+        let joined: Vec<u8> = chunks.into_iter().flat_map(|c| c.unwrap()).collect();
+        assert_eq!(joined, body);
+    }
+
+    #[test]
+    fn a_short_chunk_is_an_error() {
+        let chunks = run(100, 64, |_, length| async move {
+            Ok(Bytes::from(vec![0; length.saturating_sub(1)]))
+        });
+        let err = chunks[0].as_ref().unwrap_err();
+        assert_eq!(err.code, crate::Code::Internal);
+        assert!(err.message.contains("expected 64"), "{err}");
+    }
+
+    #[test]
+    fn at_most_in_flight_requests_run_at_once() {
+        let running = AtomicUsize::new(0);
+        let most = AtomicUsize::new(0);
+        let chunks = run(1 << 20, 1024, |_, length| {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            let running = &running;
+            // Each request is started when the stream asks for it and ends
+            // when polled; unbounded, all 1024 would start first.
+            async move {
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(Bytes::from(vec![0; length]))
+            }
+        });
+        assert_eq!(chunks.len(), 1024);
+        assert!(most.load(Ordering::SeqCst) <= IN_FLIGHT);
+    }
+
+    #[test]
+    fn an_empty_body_needs_no_request() {
+        let chunks = run(0, 64, |_, _| async { panic!("nothing to fetch") });
+        assert!(chunks.is_empty());
+    }
+}

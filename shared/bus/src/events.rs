@@ -5,7 +5,14 @@
 //! then published; a crash between the two loses nothing, because the
 //! publisher starts from the outbox again. Each outbox entry is published
 //! with a `Nats-Msg-Id` that JetStream deduplicates, so an entry published
-//! twice (a crash after the ack, before the delete) is stored once.
+//! twice (a crash after the ack, before the delete) is stored once. Entries
+//! go out one at a time, each after the ack of the one before, so the
+//! stream holds them in the order they were written.
+//!
+//! Limitation: deduplication lasts the stream's duplicate window (two
+//! minutes). A publisher that crashed between an ack and the delete and
+//! comes back later publishes that entry again; its generation makes
+//! applying it a second time a no-op.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use berth_proto::{Envelope, Timestamp};
 
-use crate::error::{Error, Result};
+use crate::error::{Code, Error, Result};
 use crate::store::Env;
 use crate::subject;
 
@@ -75,6 +82,10 @@ impl Outbox {
     }
 
     /// Queues an event in `txn`, the transaction that makes the change.
+    ///
+    /// `InvalidArgument` for a namespace or topic that makes no event
+    /// subject, so such an event fails its change instead of blocking the
+    /// outbox.
     pub fn push<P: Message>(
         &self,
         txn: &mut RwTxn,
@@ -83,6 +94,7 @@ impl Outbox {
         generation: u64,
         payload: &P,
     ) -> Result<()> {
+        subject::event(namespace, topic)?;
         let seq = match self.entries.last(txn)? {
             Some((seq, _)) => seq + 1,
             None => self.next_seq(txn)?,
@@ -157,7 +169,10 @@ impl Outbox {
         }
     }
 
-    /// Publishes up to 256 entries; returns how many were acked and removed.
+    /// Publishes up to 256 entries in order, one at a time: each waits for
+    /// its ack before the next is sent, so a failure can never leave a later
+    /// event stored before an earlier one. Removes what was acked, and
+    /// returns how many, or the failure after removing what went before it.
     pub async fn publish_batch(&self, env: &Env, js: &jetstream::Context) -> Result<usize> {
         let (outbox_id, batch) = {
             let txn = env.read_txn()?;
@@ -176,32 +191,58 @@ impl Outbox {
         if batch.is_empty() {
             return Ok(0);
         }
-        let mut acks = Vec::with_capacity(batch.len());
-        for (seq, raw) in &batch {
-            let envelope = Envelope::decode(raw.as_slice())?;
-            let subject = subject::event(&envelope.namespace, &envelope.topic)?;
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", format!("{outbox_id}-{seq}").as_str());
-            if !envelope.traceparent.is_empty() {
-                headers.insert("traceparent", envelope.traceparent.as_str());
+
+        // Pipelining would be faster, but after a lost connection a later
+        // message can reach the stream while an earlier one was lost.
+        let mut acked = Vec::with_capacity(batch.len());
+        let mut failure = None;
+        for (seq, raw) in batch {
+            match publish_one(js, &outbox_id, seq, raw).await {
+                Ok(()) => acked.push(seq),
+                Err(err) => {
+                    failure = Some(err);
+                    break;
+                }
             }
-            let ack = js
-                .publish_with_headers(subject, headers, raw.clone().into())
-                .await
-                .map_err(|err| Error::unavailable(format!("publish event: {err}")))?;
-            acks.push(ack);
         }
-        for ack in acks {
-            ack.await
-                .map_err(|err| Error::unavailable(format!("event not acknowledged: {err}")))?;
+
+        if !acked.is_empty() {
+            let mut txn = env.write_txn()?;
+            for seq in &acked {
+                self.entries.delete(&mut txn, seq)?;
+            }
+            txn.commit()?;
         }
-        let mut txn = env.write_txn()?;
-        for (seq, _) in &batch {
-            self.entries.delete(&mut txn, seq)?;
+        match failure {
+            Some(err) => Err(err),
+            None => Ok(acked.len()),
         }
-        txn.commit()?;
-        Ok(batch.len())
     }
+}
+
+/// Publishes one outbox entry and waits for the stream's ack. The message id
+/// names the outbox and the entry, so a repeat within the stream's
+/// duplicate window is stored once.
+async fn publish_one(
+    js: &jetstream::Context,
+    outbox_id: &str,
+    seq: u64,
+    raw: Vec<u8>,
+) -> Result<()> {
+    let envelope = Envelope::decode(raw.as_slice())?;
+    let subject = subject::event(&envelope.namespace, &envelope.topic)?;
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("{outbox_id}-{seq}").as_str());
+    if !envelope.traceparent.is_empty() {
+        headers.insert("traceparent", envelope.traceparent.as_str());
+    }
+    let ack = js
+        .publish_with_headers(subject, headers, raw.into())
+        .await
+        .map_err(|err| Error::unavailable(format!("publish event: {err}")))?;
+    ack.await
+        .map_err(|err| Error::unavailable(format!("event not acknowledged: {err}")))?;
+    Ok(())
 }
 
 /// Where a consumer stands in the stream: the stream's identity (its
@@ -275,6 +316,15 @@ pub struct Delivered {
 }
 
 /// Reads the event stream in order from a stored cursor.
+///
+/// # Limitations
+/// The stream's identity is its creation time, and events dropped by
+/// retention are seen through the stream's first sequence: both are checked
+/// by [`Consumer::resume`] and again whenever the underlying consumer is
+/// (re)created while [`Consumer::messages`] runs (after a reconnect, a
+/// server restart, or a deleted stream). A live consumer that falls behind
+/// retention without its consumer being recreated skips what was dropped;
+/// each object's generation keeps what it then applies correct.
 pub struct Consumer {
     stream: stream::Stream,
     created: i64,
@@ -283,14 +333,14 @@ pub struct Consumer {
 
 impl Consumer {
     /// A consumer of the events whose subjects match `filters` (e.g.
-    /// `berth.v1.*.events.tasks.>`).
+    /// `berth.v1.*.events.tasks.>`); creates the stream if it is missing.
     pub async fn new(js: &jetstream::Context, filters: Vec<String>) -> Result<Self> {
         let mut stream = ensure_stream(js).await?;
         let info = stream
             .info()
             .await
             .map_err(|err| Error::unavailable(format!("stream info: {err}")))?;
-        let created = info.created.unix_timestamp_nanos() as i64;
+        let created = identity(info);
         Ok(Consumer {
             stream,
             created,
@@ -298,40 +348,53 @@ impl Consumer {
         })
     }
 
-    /// Decides how to go on from `cursor`.
+    /// Decides how to go on from `cursor`, reading the stream as it is now
+    /// (a stream recreated since [`Consumer::new`] is seen).
+    ///
+    /// A fresh cursor (all zeros) continues from the start, unless the
+    /// stream already dropped events by retention: that is a `Gap` too.
     pub async fn resume(&mut self, cursor: Cursor) -> Result<Resume> {
         let info = self
             .stream
             .info()
             .await
             .map_err(|err| Error::unavailable(format!("stream info: {err}")))?;
+        self.created = identity(info);
+        let first = info.state.first_sequence;
         let start = Cursor {
             stream_created: self.created,
-            seq: info.state.first_sequence.saturating_sub(1),
+            seq: first.saturating_sub(1),
         };
-        if cursor.stream_created == 0 && cursor.seq == 0 {
-            return Ok(Resume::Continue(Cursor {
-                stream_created: self.created,
-                seq: 0,
-            }));
-        }
-        if cursor.stream_created != self.created {
+
+        let fresh = cursor == Cursor::default();
+        if !fresh && cursor.stream_created != self.created {
             return Ok(Resume::Reconcile {
                 from: start,
                 reason: ReconcileReason::StreamRecreated,
             });
         }
-        if info.state.messages > 0 && info.state.first_sequence > cursor.seq + 1 {
+        // The stream holds every event after the cursor only if its first
+        // sequence is at most the next one; an empty stream whose events
+        // expired has its first sequence just past its last.
+        if first > cursor.seq + 1 {
             return Ok(Resume::Reconcile {
                 from: start,
                 reason: ReconcileReason::Gap,
             });
         }
-        Ok(Resume::Continue(cursor))
+        Ok(Resume::Continue(Cursor {
+            stream_created: self.created,
+            seq: cursor.seq,
+        }))
     }
 
     /// Streams the events after `cursor`, in order, forever (an ordered
     /// consumer: no acks; the caller's stored cursor is the position).
+    ///
+    /// When the stream turns out to have been recreated, or to have dropped
+    /// events after the last one delivered, the stream yields one
+    /// `FailedPrecondition` error and ends: the caller resumes from its
+    /// stored cursor, and [`Consumer::resume`] says how.
     pub async fn messages(
         &self,
         cursor: Cursor,
@@ -352,22 +415,111 @@ impl Consumer {
             .messages()
             .await
             .map_err(|err| Error::unavailable(format!("consume events: {err}")))?;
-        let created = self.created;
-        Ok(messages.map(move |item| {
-            let message = item.map_err(|err| Error::unavailable(format!("read event: {err}")))?;
-            let info = message
-                .info()
-                .map_err(|err| Error::internal(format!("event metadata: {err}")))?;
-            let seq = info.stream_sequence;
-            let envelope = Envelope::decode(message.payload.clone())?;
-            Ok(Delivered {
-                cursor: Cursor {
-                    stream_created: created,
-                    seq,
-                },
-                envelope,
-                subject: message.subject.to_string(),
-            })
-        }))
+        let watch = Watch {
+            stream: self.stream.clone(),
+            created: self.created,
+            consumer: String::new(),
+            last: cursor.seq,
+        };
+        Ok(futures::stream::unfold(
+            (Box::pin(messages), watch, false),
+            |(mut messages, mut watch, ended)| async move {
+                if ended {
+                    return None;
+                }
+                let item = messages.next().await?;
+                let delivered = watch.deliver(item).await;
+                let ended = matches!(&delivered, Err(err) if err.code == Code::FailedPrecondition);
+                Some((delivered, (messages, watch, ended)))
+            },
+        ))
+    }
+}
+
+/// What [`Consumer::messages`] knows of the stream it reads.
+struct Watch {
+    stream: stream::Stream,
+    created: i64,
+    /// The name of the consumer that delivered the last event; the ordered
+    /// consumer gets a new name each time it is recreated.
+    consumer: String,
+    /// The last stream sequence delivered.
+    last: u64,
+}
+
+impl Watch {
+    /// Checks and decodes one message from the ordered consumer.
+    async fn deliver(
+        &mut self,
+        item: Result<jetstream::Message, jetstream::consumer::pull::OrderedError>,
+    ) -> Result<Delivered> {
+        let message = item.map_err(|err| Error::unavailable(format!("read event: {err}")))?;
+        let info = message
+            .info()
+            .map_err(|err| Error::internal(format!("event metadata: {err}")))?;
+        let seq = info.stream_sequence;
+
+        // A (re)created consumer starts at the sequence after the last one
+        // on whatever stream has the name now: check that it is the same
+        // stream and that nothing in between was dropped.
+        if info.consumer != self.consumer {
+            let consumer = info.consumer.to_string();
+            self.check_stream(seq).await?;
+            self.consumer = consumer;
+        }
+
+        let envelope = Envelope::decode(message.payload.clone())?;
+        self.last = seq;
+        Ok(Delivered {
+            cursor: Cursor {
+                stream_created: self.created,
+                seq,
+            },
+            envelope,
+            subject: message.subject.to_string(),
+        })
+    }
+
+    /// `FailedPrecondition` when the stream is not the one the cursor is
+    /// on, or lost events between the last one delivered and `seq`.
+    async fn check_stream(&mut self, seq: u64) -> Result<()> {
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|err| Error::unavailable(format!("stream info: {err}")))?;
+        if identity(&info) != self.created {
+            return Err(Error::precondition(format!(
+                "event stream {STREAM} was recreated under the consumer"
+            )));
+        }
+        let first = info.state.first_sequence;
+        if seq > self.last + 1 && first > self.last + 1 {
+            return Err(Error::precondition(format!(
+                "event stream {STREAM} dropped events after sequence {}",
+                self.last
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A stream's identity: its creation time in nanoseconds.
+fn identity(info: &stream::Info) -> i64 {
+    info.created.unix_timestamp_nanos() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_through_their_stored_form() {
+        let cursor = Cursor {
+            stream_created: 1_700_000_000_123_456_789,
+            seq: 42,
+        };
+        assert_eq!(Cursor::from_bytes(&cursor.to_bytes()), cursor);
+        assert_eq!(Cursor::from_bytes(b"short"), Cursor::default());
     }
 }

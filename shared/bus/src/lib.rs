@@ -3,6 +3,8 @@
 //! - [`subject`]: the one builder of `berth.v1.<namespace>.<service>[.<node>].<op>`
 //!   and event subjects, refusing bad tokens before anything is sent;
 //! - [`error`]: the closed set of codes that cross the wire;
+//! - [`conn`]: connections that turn the server's permission refusals into
+//!   `PermissionDenied` replies;
 //! - [`client`]: typed request/reply with a timeout on every call;
 //! - [`serve`]: the serve loop on the NATS micro-service protocol;
 //! - [`idempotency`]: request ids stored with the effect;
@@ -14,6 +16,7 @@
 pub mod api;
 pub mod chunk;
 pub mod client;
+pub mod conn;
 pub mod error;
 pub mod events;
 pub mod idempotency;
@@ -23,17 +26,24 @@ pub mod subject;
 pub mod trace;
 
 pub use client::Client;
+pub use conn::{connect, connect_with};
 pub use error::{Code, Error, Result};
 pub use serve::{Call, Service};
 
-/// Connects to NATS at `url`, retrying the first connection for `wait`
-/// before answering `Unavailable`.
-pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
-        .name(name)
-        .retry_on_initial_connect()
-        .connection_timeout(std::time::Duration::from_secs(2))
-        .connect(url)
-        .await
-        .map_err(|err| Error::unavailable(format!("connect to NATS at {url}: {err}")))
+/// A token cancelled at the first SIGTERM or SIGINT, for a service binary's
+/// shutdown.
+pub fn shutdown_on_signals() -> Result<tokio_util::sync::CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let token = tokio_util::sync::CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        cancel.cancel();
+    });
+    Ok(token)
 }

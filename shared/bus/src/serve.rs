@@ -9,6 +9,14 @@
 //! handler under a deadline, replies with the body or with code and message,
 //! and wakes the event publisher. Requests run concurrently, bounded by a
 //! semaphore.
+//!
+//! An op the service does not serve has no endpoint, so the NATS server
+//! itself answers the request at once with its no-responders status, which
+//! the client reads as `Unavailable`. A catch-all subscription could name
+//! the op in an `InvalidArgument` reply instead, but it would receive a copy
+//! of every request (every chunk of every blob written) to answer the rare
+//! one; the client's message says that either the service is down or it
+//! does not serve the op.
 
 use std::future::Future;
 use std::pin::Pin;

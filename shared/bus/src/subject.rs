@@ -79,6 +79,30 @@ pub fn all_events() -> String {
     format!("{PREFIX}.*.{EVENTS}.>")
 }
 
+/// Checks a whole subject before a request is sent on it: every token is
+/// valid, and a berth subject (`berth.v1.…`) names a namespace that is not
+/// reserved, a service and an op, and is not an event subject (a request
+/// there would be stored in the event stream as if it were an event).
+pub fn check_request(subject: &str) -> Result<()> {
+    check_dotted("subject", subject)?;
+    let tokens: Vec<&str> = subject.split('.').collect();
+    if !tokens.starts_with(&["berth", "v1"]) {
+        return Ok(());
+    }
+    let [_, _, namespace, service, _op, ..] = tokens[..] else {
+        return Err(Error::invalid(format!(
+            "subject {subject:?} names no namespace, service and operation"
+        )));
+    };
+    check_namespace(namespace)?;
+    if service == EVENTS {
+        return Err(Error::invalid(format!(
+            "subject {subject:?} is an event subject, not a request"
+        )));
+    }
+    Ok(())
+}
+
 /// Ops may hold dots (`images.create`): each part is a token.
 fn check_op(op: &str) -> Result<()> {
     check_dotted("operation", op)
@@ -188,6 +212,34 @@ mod tests {
         }
         assert!(op("default", "content", "images..create").is_err());
         assert!(event("default", "tasks.>").is_err());
+    }
+
+    #[test]
+    fn checks_whole_request_subjects() {
+        let good = [
+            "berth.v1.default.content.info",
+            "berth.v1.team-a.task.node-1.start",
+            "$SRV.PING.content",
+        ];
+        for subject in good {
+            check_request(subject).unwrap();
+        }
+        let bad = [
+            "",
+            "berth.v1.a b.content.info",
+            "berth.v1.*.content.info",
+            "berth.v1.default.content.>",
+            "berth.v1..content.info",
+            "berth.v1.events.content.info",
+            "berth.v1.metadata.content.info",
+            "berth.v1.default.events.tasks.exit",
+            "berth.v1.default.content",
+            "berth.v1",
+        ];
+        for subject in bad {
+            let err = check_request(subject).unwrap_err();
+            assert_eq!(err.code, crate::Code::InvalidArgument, "{subject:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,190 @@
+//! What berth's integration tests share.
+//!
+//! - [`NatsServer`]: a real `nats-server` with JetStream on a free loopback
+//!   port, its store in a temporary directory, killed on drop. It can be
+//!   killed and started again on the same port and store, for outage tests.
+//! - [`fixture`]: paths of the images and cases copied into `tests/fixtures`.
+//!
+//! The tests need `nats-server` (2.10 or later) and, where they run
+//! containers, root and `runc` on PATH; `.ci/run` installs both.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+
+/// A nats-server with JetStream for one test, killed on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    dir: TempDir,
+    extra_config: Option<String>,
+}
+
+impl NatsServer {
+    /// Starts a server on a free port with a fresh store.
+    pub fn start() -> Result<NatsServer> {
+        Self::start_inner(None)
+    }
+
+    /// Starts a server with `config` appended to its configuration file
+    /// (nats-server config syntax), e.g. an `authorization` block.
+    pub fn start_with_config(config: &str) -> Result<NatsServer> {
+        Self::start_inner(Some(config.to_string()))
+    }
+
+    fn start_inner(extra_config: Option<String>) -> Result<NatsServer> {
+        let dir = tempfile::Builder::new().prefix("berth-nats-").tempdir()?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut server = NatsServer {
+            child: None,
+            port,
+            dir,
+            extra_config,
+        };
+        server.restart()?;
+        Ok(server)
+    }
+
+    /// The client URL, `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The directory holding the server's store and configuration.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Kills the server with SIGKILL and waits for it; a no-op when stopped.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// (Re)starts the server on the same port and store, and waits until it
+    /// accepts connections.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let store = self.dir.path().join("jetstream");
+        let config = self.dir.path().join("nats.conf");
+        let mut text = format!(
+            "listen: 127.0.0.1:{}\njetstream {{\n  store_dir: {:?}\n}}\n",
+            self.port, store
+        );
+        if let Some(extra) = &self.extra_config {
+            text.push_str(extra);
+            text.push('\n');
+        }
+        std::fs::write(&config, text)?;
+        let log = std::fs::File::create(self.dir.path().join("nats.log"))?;
+        let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start nats-server (is it on PATH? .ci/run installs it)")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default();
+                bail!("nats-server exited with {status}: {log}");
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server did not listen on port {}", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Paths of the fixtures in `tests/fixtures`.
+pub mod fixture {
+    use std::path::{Path, PathBuf};
+
+    /// `tests/fixtures` of the repository.
+    pub fn root() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    }
+
+    /// An image archive, e.g. `image("busybox/busybox.oci.tar")`.
+    pub fn image(path: &str) -> PathBuf {
+        root().join("images").join(path)
+    }
+
+    /// A case's directory, e.g. `case("C10-content-integrity")`.
+    pub fn case(name: &str) -> PathBuf {
+        root().join("cases").join(name)
+    }
+
+    /// The 51 MB Debian image, read from `../shared` where present (it is
+    /// too large to copy into the repository).
+    pub fn debian() -> Option<PathBuf> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/images/debian/debian.oci.tar");
+        path.exists().then_some(path)
+    }
+}
+
+/// Waits until `check` is true, polling every 10 ms, for at most `limit`.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// True when this process runs as root (mounts, runc, cgroups need it).
+pub fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+/// A temporary directory named for the test, removed on drop.
+pub fn tempdir(prefix: &str) -> Result<TempDir> {
+    Ok(tempfile::Builder::new().prefix(prefix).tempdir()?)
+}
+
+/// Absolute path of a binary built by the workspace (`target/<profile>/NAME`),
+/// next to the running test executable.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test>-<hash>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    dir.join(name)
+}
