@@ -1,10 +1,192 @@
-//! berth's snapshot service: overlayfs snapshots on one node.
+//! berth's snapshot service: overlayfs snapshots on one node, served over
+//! NATS on `berth.v1.<namespace>.snapshot.<node>.<op>`.
 //!
-//! For now this crate holds the node-local core that the service is built on:
-//! [`apply`] unpacks one layer stream (gzip, zstd or plain tar) into a
-//! snapshot's own upper directory, turning OCI whiteouts into overlayfs ones,
-//! and [`overlay`] describes and performs the mounts that stack committed
-//! snapshots into a container's root filesystem. Neither knows about NATS.
+//! The ops and their messages are in `proto/berth/v1/snapshot.proto`; the
+//! records and directories are drawn in [`store`]. A snapshot is prepared
+//! (active, writable) or viewed (read-only) on a committed parent, and an
+//! active one is committed under a name; `mounts` says how to stack it with
+//! overlayfs. `unpack` turns an image's layers into committed snapshots
+//! named by chain ID, shared by every image of the namespace that has them.
+//! Bytes leave only through `remove` and `prune`, which gc calls with its
+//! mark epoch.
+//!
+//! The node-local core is usable on its own: [`apply`] unpacks one layer
+//! stream into a snapshot's upper directory, and [`overlay`] describes and
+//! performs the mounts (the task service mounts a rootfs with it).
+
+#![warn(missing_docs)]
 
 pub mod apply;
-pub mod overlay;
+pub mod convert;
+pub mod error;
+pub mod events;
+mod handlers;
+mod locks;
+pub mod store;
+mod unpack;
+
+/// Overlay and bind mounts of snapshots (the `berth-mount` crate, which the
+/// task service shares to mount a container's rootfs).
+pub use berth_mount as overlay;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::future::MapErr;
+use futures::TryFutureExt;
+use tokio_util::sync::CancellationToken;
+
+use berth_bus::api::Metadata;
+use berth_bus::{Call, Client, Service};
+use berth_proto::metadata as mdpb;
+
+pub use error::SnapshotError;
+use locks::KeyLocks;
+use store::Store;
+
+/// What the snapshot service needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where snapshot directories and the database live
+    /// (`<berth root>/snapshot`, by default `/var/lib/berth/snapshot`).
+    pub root: PathBuf,
+    /// This node's id: the `<node>` token of the subjects served, and of the
+    /// lease resources `snapshot/<node>/<key>`.
+    pub node: String,
+    /// The content service's root when it runs on this host: layer blobs are
+    /// then read from `<content_root>/blobs/sha256/<hex>` instead of pulled
+    /// over NATS. `None` (the default) always pulls.
+    pub content_root: Option<PathBuf>,
+}
+
+/// The running service's state, shared by its handlers.
+pub struct SnapshotService {
+    /// The records and directories.
+    pub store: Store,
+    client: Client,
+    node: String,
+    content_root: Option<PathBuf>,
+    chain_locks: KeyLocks,
+}
+
+impl SnapshotService {
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Adds `snapshot/<node>/<key>` for each key to lease `lease_id` in
+    /// metadata; nothing for an empty lease id. The metadata service's
+    /// answer keeps its code (`NotFound` for an unknown lease).
+    async fn attach_to_lease(
+        &self,
+        namespace: &str,
+        lease_id: &str,
+        keys: &[String],
+    ) -> Result<(), SnapshotError> {
+        if lease_id.is_empty() || keys.is_empty() {
+            return Ok(());
+        }
+        let failed = |source| SnapshotError::Lease {
+            lease_id: lease_id.to_string(),
+            source,
+        };
+        berth_bus::subject::check_token("lease id", lease_id).map_err(failed)?;
+        let request = mdpb::AddLeaseResourcesRequest {
+            lease_id: lease_id.to_string(),
+            resources: keys
+                .iter()
+                .map(|key| format!("snapshot/{}/{key}", self.node))
+                .collect(),
+        };
+        let metadata = Metadata {
+            client: self.client.clone(),
+            namespace: namespace.to_string(),
+        };
+        metadata
+            .add_lease_resources(&request)
+            .await
+            .map_err(failed)?;
+        Ok(())
+    }
+}
+
+/// Serves the snapshot service of `config.node` on `nats` until `shutdown`
+/// is cancelled.
+///
+/// Before serving it recovers from a crash: the temporary snapshots of
+/// unpacks that never finished are dropped, and directories no record owns
+/// are deleted. Events are published from the outbox until shutdown.
+pub async fn run(
+    nats: async_nats::Client,
+    config: Config,
+    shutdown: CancellationToken,
+) -> berth_bus::Result<()> {
+    berth_bus::subject::check_token("node id", &config.node)?;
+    let (root, node) = (config.root.clone(), config.node.clone());
+    let store = tokio::task::spawn_blocking(move || -> Result<Store, SnapshotError> {
+        let store = Store::open(&root, &node)?;
+        let recovered = store.recover()?;
+        if recovered != store::Recovered::default() {
+            tracing::warn!(
+                extracts = recovered.extracts,
+                orphans = recovered.orphans,
+                "removed what unfinished work left behind"
+            );
+        }
+        Ok(store)
+    })
+    .await
+    .map_err(SnapshotError::Worker)??;
+
+    let svc = Arc::new(SnapshotService {
+        store,
+        client: Client::new(nats.clone(), berth_bus::client::DEFAULT_TIMEOUT),
+        node: config.node.clone(),
+        content_root: config.content_root,
+        chain_locks: KeyLocks::default(),
+    });
+    let js = async_nats::jetstream::new(nats.clone());
+    berth_bus::events::ensure_stream(&js).await?;
+    let outbox = svc.store.outbox.clone();
+    let publisher = tokio::spawn(outbox.clone().run_publisher(
+        svc.store.env.clone(),
+        js,
+        shutdown.clone(),
+    ));
+
+    let serving = Service::new("snapshot", env!("CARGO_PKG_VERSION"), svc)
+        .node(&config.node)
+        .wake_on_reply(outbox.wake())
+        .op("prepare", wire(handlers::prepare))
+        .op("view", wire(handlers::view))
+        .op("commit", wire(handlers::commit))
+        .op("mounts", wire(handlers::mounts))
+        .op("stat", wire(handlers::stat))
+        .op("list", wire(handlers::list))
+        .op("usage", wire(handlers::usage_op))
+        .op("update", wire(handlers::update))
+        .op("remove", wire(handlers::remove))
+        .op("unpack", wire(handlers::unpack))
+        .op("prune", wire(handlers::prune))
+        .serve(nats)
+        .await?;
+    shutdown.cancelled().await;
+    serving.stop().await;
+    let _ = publisher.await;
+    Ok(())
+}
+
+type Wired<Fut> = MapErr<Fut, fn(SnapshotError) -> berth_bus::Error>;
+
+/// Turns a handler's [`SnapshotError`] into the wire error, at the edge.
+fn wire<Req, Rep, F, Fut>(
+    handler: F,
+) -> impl Fn(Arc<SnapshotService>, Call, Req) -> Wired<Fut> + Send + Sync + 'static
+where
+    F: Fn(Arc<SnapshotService>, Call, Req) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Rep, SnapshotError>> + Send + 'static,
+{
+    move |svc, call, req| handler(svc, call, req).map_err(berth_bus::Error::from as fn(_) -> _)
+}
