@@ -106,7 +106,8 @@ pub(crate) async fn read(
     call: Call,
     req: pb::ReadRequest,
 ) -> Result<pb::ReadReply> {
-    let max = svc.max_chunk as i64;
+    // The limit follows the connection: it is known only once it is up.
+    let max = svc.client.max_body() as i64;
     if req.length > max {
         return Err(Error::invalid(format!(
             "read length {} is over the limit of {max} bytes",

@@ -30,7 +30,6 @@ pub struct ContentService {
     /// The blob store.
     pub store: Store,
     client: Client,
-    max_chunk: usize,
 }
 
 impl ContentService {
@@ -57,12 +56,7 @@ pub async fn run(
 ) -> Result<()> {
     let store = Store::open(&config.root)?;
     let client = Client::new(nats.clone(), berth_bus::client::DEFAULT_TIMEOUT);
-    let max_chunk = client.max_body();
-    let svc = Arc::new(ContentService {
-        store,
-        client,
-        max_chunk,
-    });
+    let svc = Arc::new(ContentService { store, client });
 
     let js = async_nats::jetstream::new(nats.clone());
     berth_bus::events::ensure_stream(&js).await?;

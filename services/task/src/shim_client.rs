@@ -129,6 +129,21 @@ pub async fn spawn_shim(
     state_dir: &Path,
     runc: Option<&Path>,
 ) -> Result<ShimClient, ShimClientError> {
+    let socket = state_dir.join(SOCKET_FILE);
+    spawn_shim_at(shim_bin, container_id, bundle, state_dir, &socket, runc).await
+}
+
+/// As [`spawn_shim`], with the socket at `socket` instead of the state
+/// directory: a unix socket path holds at most 107 bytes, and a state
+/// directory named after a long container id can be longer.
+pub async fn spawn_shim_at(
+    shim_bin: &Path,
+    container_id: &str,
+    bundle: &Path,
+    state_dir: &Path,
+    socket: &Path,
+    runc: Option<&Path>,
+) -> Result<ShimClient, ShimClientError> {
     let mut cmd = Command::new(shim_bin);
     cmd.arg("--id")
         .arg(container_id)
@@ -136,6 +151,8 @@ pub async fn spawn_shim(
         .arg(bundle)
         .arg("--state")
         .arg(state_dir)
+        .arg("--socket")
+        .arg(socket)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -166,7 +183,7 @@ pub async fn spawn_shim(
         }
     })?;
     match readiness {
-        Readiness::Ok { .. } => Ok(ShimClient::at_socket(state_dir.join(SOCKET_FILE))),
+        Readiness::Ok { .. } => Ok(ShimClient::at_socket(socket.to_path_buf())),
         Readiness::Failed { message } => Err(ShimClientError::Start {
             container_id: container_id.to_string(),
             message,

@@ -1,0 +1,47 @@
+//! `berth-task`: the task service on its own, as each node of a fleet runs it.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// berth's task service (the node agent).
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// NATS server to connect to.
+    #[arg(long, env = "BERTH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Where the task database lives.
+    #[arg(long, default_value = "/var/lib/berth/task")]
+    root: PathBuf,
+    /// Where bundles, shim state and sockets live.
+    #[arg(long, default_value = "/run/berth/task")]
+    state: PathBuf,
+    /// This node's id (default: the host name, dots as dashes).
+    #[arg(long, env = "BERTH_NODE")]
+    node: Option<String>,
+    /// The berth-shim binary (default: next to this one).
+    #[arg(long)]
+    shim: Option<PathBuf>,
+    /// The runc binary (default: runc in PATH).
+    #[arg(long)]
+    runc: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    berth_bus::trace::init("berth-task");
+    let nats = berth_bus::connect(&args.nats, "berth-task").await?;
+    let shutdown = berth_bus::shutdown_on_signals()?;
+    let config = berth_task::Config {
+        root: args.root,
+        state: args.state,
+        node: args.node.unwrap_or_else(berth_bus::subject::local_node_id),
+        shim: args.shim,
+        runc: args.runc,
+    };
+    berth_task::run(nats, config, shutdown).await?;
+    berth_bus::trace::shutdown(std::time::Duration::from_secs(2));
+    Ok(())
+}
