@@ -133,6 +133,7 @@ impl Ctx {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    berth_bus::trace::init_with("berth", "warn");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -140,12 +141,37 @@ fn main() -> ExitCode {
             return ExitCode::from(125);
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    // One span for the whole command: every request it sends carries its
+    // trace context, so the services' spans join one trace.
+    let span = tracing::info_span!("berth", otel.name = %cli.command.name());
+    let outcome = runtime.block_on(tracing::Instrument::instrument(dispatch(cli), span));
+    berth_bus::trace::shutdown(Duration::from_secs(2));
+    match outcome {
         Ok(code) => code,
         Err(err) => {
             eprintln!("berth: {}", output::describe(&err));
             ExitCode::from(125)
         }
+    }
+}
+
+impl Command {
+    /// The span name of the command, `berth.<command>`.
+    fn name(&self) -> String {
+        let name = match self {
+            Command::Image(_) => "image",
+            Command::Run(_) => "run",
+            Command::Ps(_) => "ps",
+            Command::Rm(_) => "rm",
+            Command::Kill(_) => "kill",
+            Command::Wait(_) => "wait",
+            Command::Logs(_) => "logs",
+            Command::Gc(_) => "gc",
+            Command::Events(_) => "events",
+            Command::Content(_) => "content",
+            Command::Snapshot(_) => "snapshot",
+        };
+        format!("berth.{name}")
     }
 }
 

@@ -21,15 +21,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     berth_bus::trace::init("berth-gc");
     let nats = berth_bus::connect(&args.nats, "berth-gc").await?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        stop.cancel();
-    });
+    let shutdown = berth_bus::shutdown_on_signals()?;
     let config = berth_gc::Config {
         interval: Duration::from_secs(args.interval),
     };
     berth_gc::run(nats, config, shutdown).await?;
+    berth_bus::trace::shutdown(std::time::Duration::from_secs(2));
     Ok(())
 }

@@ -21,12 +21,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     berth_bus::trace::init("berth-metadata");
     let nats = berth_bus::connect(&args.nats, "berth-metadata").await?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        stop.cancel();
-    });
+    let shutdown = berth_bus::shutdown_on_signals()?;
     berth_metadata::run(nats, berth_metadata::Config { root: args.root }, shutdown).await?;
+    berth_bus::trace::shutdown(std::time::Duration::from_secs(2));
     Ok(())
 }

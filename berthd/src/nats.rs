@@ -1,0 +1,141 @@
+//! The NATS server berthd needs: the one at the URL, or a private one it
+//! starts when nothing answers on this host.
+
+use std::net::ToSocketAddrs;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// A nats-server berthd started, stopped with it.
+pub struct LocalServer {
+    child: tokio::process::Child,
+}
+
+impl LocalServer {
+    /// Stops the server (SIGTERM, then SIGKILL after 5 s).
+    pub async fn stop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// The host and port of a `nats://host:port` URL (port 4222 when absent).
+fn host_port(url: &str) -> anyhow::Result<(String, u16)> {
+    let rest = url.split_once("://").map(|(_, rest)| rest).unwrap_or(url);
+    let rest = rest.rsplit_once('@').map(|(_, rest)| rest).unwrap_or(rest);
+    let rest = rest.split(['/', ',']).next().unwrap_or(rest);
+    match rest.rsplit_once(':') {
+        Some((host, port)) => Ok((
+            host.to_string(),
+            port.parse()
+                .with_context(|| format!("invalid port in NATS URL {url:?}"))?,
+        )),
+        None => Ok((rest.to_string(), 4222)),
+    }
+}
+
+fn answers(host: &str, port: u16) -> bool {
+    let Ok(addrs) = (host, port).to_socket_addrs() else {
+        return false;
+    };
+    addrs
+        .into_iter()
+        .any(|addr| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok())
+}
+
+/// Makes sure a NATS server answers at `url`: when none does and the URL
+/// names this host, starts `bin` with JetStream and its store in `store`,
+/// and returns it.
+pub async fn ensure_server(
+    url: &str,
+    bin: &Path,
+    store: &Path,
+) -> anyhow::Result<Option<LocalServer>> {
+    let (host, port) = host_port(url)?;
+    if answers(&host, port) {
+        return Ok(None);
+    }
+    if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "::1" | "[::1]") {
+        bail!("no NATS server answers at {url}, and it is not on this host to start one");
+    }
+    std::fs::create_dir_all(store).with_context(|| format!("create {}", store.display()))?;
+    let log = std::fs::File::create(store.join("nats-server.log"))?;
+    let child = tokio::process::Command::new(bin)
+        .arg("-js")
+        .arg("-sd")
+        .arg(store)
+        .args(["-a", host.trim_matches(['[', ']']), "-p", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start {} (is nats-server installed?)", bin.display()))?;
+    let mut server = LocalServer { child };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !answers(&host, port) {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            let log = std::fs::read_to_string(store.join("nats-server.log")).unwrap_or_default();
+            bail!("nats-server exited with {status}: {}", log.trim());
+        }
+        if Instant::now() > deadline {
+            server.stop().await;
+            bail!("nats-server did not listen on {host}:{port} within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(%url, store = %store.display(), "started nats-server");
+    Ok(Some(server))
+}
+
+/// Waits until every named service answers the micro-service `PING`.
+pub async fn wait_for_services(
+    nats: &async_nats::Client,
+    names: &[&str],
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    for name in names {
+        let subject = format!("$SRV.PING.{name}");
+        loop {
+            let ping = nats.request(subject.clone(), bytes::Bytes::new());
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), ping).await {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the {name} service did not register within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_give_host_and_port() {
+        assert_eq!(
+            host_port("nats://127.0.0.1:4222").unwrap(),
+            ("127.0.0.1".into(), 4222)
+        );
+        assert_eq!(
+            host_port("nats://user:pw@host:5000").unwrap(),
+            ("host".into(), 5000)
+        );
+        assert_eq!(host_port("localhost").unwrap(), ("localhost".into(), 4222));
+        assert!(host_port("nats://h:port").is_err());
+    }
+}

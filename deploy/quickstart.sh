@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# berth's main job on a fresh Debian 12 machine, as root: installs what is
+# missing, builds berth, starts a single-node berthd (with its own
+# nats-server) in the background, imports the bundled busybox image and runs
+# a container from it. Run it again at will: a running berthd is reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+. deploy/install-deps.sh
+cargo build --release --bins --locked
+bin="$PWD/target/release"
+log="${BERTH_LOG_FILE:-/var/log/berthd.log}"
+
+if ! "$bin/berth" image ls >/dev/null 2>&1; then
+    echo "starting berthd (log: $log)"
+    : >"$log"
+    setsid "$bin/berthd" >>"$log" 2>&1 </dev/null &
+    for _ in $(seq 300); do
+        grep -q "berthd ready" "$log" && break
+        sleep 0.1
+    done
+    if ! grep -q "berthd ready" "$log"; then
+        echo "berthd did not get ready:" >&2
+        cat "$log" >&2
+        exit 1
+    fi
+fi
+
+"$bin/berth" image import tests/fixtures/images/busybox/busybox.oci.tar
+"$bin/berth" run --rm busybox
+echo
+echo "berthd is running; try: $bin/berth run --rm busybox echo hello"
