@@ -99,6 +99,7 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<ExitCode> {
         readonly_rootfs: args.read_only,
         tty: false,
         image_config_digest: image.config_digest.clone(),
+        ..Default::default()
     };
 
     // The rootfs: an active snapshot on the image's top layer.
@@ -188,6 +189,7 @@ pub async fn wait_exit(
             .task()
             .state(&tpb::StateRequest {
                 container_id: container_id.to_string(),
+                ..Default::default()
             })
             .await
         {
@@ -258,6 +260,7 @@ pub async fn copy_output(
                 stream: stream as i32,
                 offset: offsets[index],
                 length: ctx.client.max_body() as i64,
+                ..Default::default()
             })
             .await?;
         if reply.data.is_empty() {
@@ -294,6 +297,7 @@ pub async fn cleanup(ctx: &Ctx, container_id: &str) -> anyhow::Result<()> {
         .task()
         .delete(&tpb::DeleteRequest {
             container_id: container_id.to_string(),
+            ..Default::default()
         })
         .await
     {

@@ -105,6 +105,7 @@ pub async fn rm(ctx: &Ctx, args: RmArgs) -> anyhow::Result<ExitCode> {
             .task()
             .state(&tpb::StateRequest {
                 container_id: container_id.clone(),
+                ..Default::default()
             })
             .await;
         if let Ok(Some(state)) = state.map(|s| s.state) {

@@ -20,8 +20,9 @@
 //! process; the exit is recorded; `delete` removes the runc state, unmounts,
 //! removes the bundle and releases the reservation.
 
+pub mod cgroup;
 pub mod error;
-pub mod handlers;
+mod handlers;
 pub mod monitor;
 pub mod recover;
 pub mod shim;
@@ -212,6 +213,13 @@ pub async fn run(
         .op("state", h::state)
         .op("list", h::list)
         .op("logs", h::logs)
+        .op("stop", h::stop)
+        .op("pause", h::pause)
+        .op("resume", h::resume)
+        .op("exec", h::exec)
+        .op("ps", h::ps)
+        .op("metrics", h::metrics)
+        .op("update", h::update)
         .serve(nats)
         .await?;
     shutdown.cancelled().await;

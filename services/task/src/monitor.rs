@@ -152,8 +152,14 @@ pub(crate) async fn record_exit(
         if record.generation != generation || record.exit.is_some() {
             return Ok(false);
         }
+        // The cgroup outlives the process until runc deletes it, so its
+        // OOM count still tells whether the kernel killed the task.
+        let suffix = crate::spec::cgroups_path(namespace, container_id);
+        let oom_killed =
+            !record.cgroups.is_empty() && crate::cgroup::oom_kills(&record.cgroups, &suffix) > 0;
         record.status = Status::Stopped;
         record.exit = Some(exit);
+        record.oom_killed = oom_killed;
         svc.store.put(&mut txn, namespace, container_id, &record)?;
         let event = TaskEvent {
             container_id: container_id.to_string(),
@@ -162,10 +168,16 @@ pub(crate) async fn record_exit(
             exited_at: Some(Timestamp {
                 unix_nanos: exit.exited_at,
             }),
-            oom_killed: false,
+            oom_killed,
             boot_id: record.boot_id.clone(),
             pid_start_time: record.pid_start_time,
+            exec_id: String::new(),
         };
+        if oom_killed {
+            svc.store
+                .outbox
+                .push(&mut txn, namespace, "tasks.oom", generation, &event)?;
+        }
         svc.store
             .outbox
             .push(&mut txn, namespace, "tasks.exit", generation, &event)?;

@@ -36,6 +36,17 @@ pub async fn recover(svc: &Arc<TaskService>) -> berth_bus::Result<()> {
             monitor::watch(svc.clone(), namespace, container_id, record);
             continue;
         }
+        for (exec_id, exec) in &record.execs {
+            if exec.exit.is_none() {
+                crate::handlers::watch_exec(
+                    svc.clone(),
+                    &namespace,
+                    &container_id,
+                    &record,
+                    exec_id,
+                );
+            }
+        }
         monitor::watch(svc.clone(), namespace, container_id, record);
         adopted += 1;
     }

@@ -287,6 +287,87 @@ impl ShimClient {
         }
     }
 
+    /// Freezes every process of the container (`runc pause`).
+    pub async fn pause(&self) -> Result<(), ShimClientError> {
+        self.done("pause", &Request::Pause).await
+    }
+
+    /// Thaws the container (`runc resume`).
+    pub async fn resume(&self) -> Result<(), ShimClientError> {
+        self.done("resume", &Request::Resume).await
+    }
+
+    /// Changes the container's resource limits (`runc update`); `resources`
+    /// is the runtime spec's `linux.resources` object.
+    pub async fn update(&self, resources: serde_json::Value) -> Result<(), ShimClientError> {
+        self.done("update", &Request::Update { resources }).await
+    }
+
+    /// The container's processes, by host pid (`runc ps`).
+    pub async fn ps(&self) -> Result<Vec<u32>, ShimClientError> {
+        match self.call("ps", &Request::Ps, true).await? {
+            Reply::Pids { pids } => Ok(pids),
+            other => Err(unexpected("ps", other)),
+        }
+    }
+
+    /// Runs `process` (the runtime spec's `process` object) in the container
+    /// as exec process `exec_id`; returns its host pid.
+    pub async fn exec(
+        &self,
+        exec_id: &str,
+        process: serde_json::Value,
+    ) -> Result<u32, ShimClientError> {
+        let request = Request::Exec {
+            exec_id: exec_id.to_string(),
+            process,
+        };
+        match self.call("exec", &request, true).await? {
+            Reply::Started { pid } => Ok(pid),
+            other => Err(unexpected("exec", other)),
+        }
+    }
+
+    /// An exec process's pid and exit, if it exited.
+    pub async fn exec_state(
+        &self,
+        exec_id: &str,
+    ) -> Result<(u32, Option<ExitRecord>), ShimClientError> {
+        let request = Request::ExecState {
+            exec_id: exec_id.to_string(),
+        };
+        match self.call("exec_state", &request, true).await? {
+            Reply::ExecState { pid, exit } => Ok((pid, exit)),
+            other => Err(unexpected("exec_state", other)),
+        }
+    }
+
+    /// Waits, without a timeout, until an exec process exits.
+    pub async fn wait_exec(&self, exec_id: &str) -> Result<ExitRecord, ShimClientError> {
+        let request = Request::WaitExec {
+            exec_id: exec_id.to_string(),
+        };
+        match self.call("wait_exec", &request, false).await? {
+            Reply::Exited(exit) => Ok(exit),
+            other => Err(unexpected("wait_exec", other)),
+        }
+    }
+
+    /// Forgets an exited exec process and removes its files.
+    pub async fn delete_exec(&self, exec_id: &str) -> Result<(), ShimClientError> {
+        let request = Request::DeleteExec {
+            exec_id: exec_id.to_string(),
+        };
+        self.done("delete_exec", &request).await
+    }
+
+    async fn done(&self, op: &'static str, request: &Request) -> Result<(), ShimClientError> {
+        match self.call(op, request, true).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(op, other)),
+        }
+    }
+
     async fn call(
         &self,
         op: &'static str,

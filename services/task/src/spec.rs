@@ -123,6 +123,27 @@ pub enum SpecError {
     /// The spec builder refused a value.
     #[error("failed to build the runtime spec")]
     Build(#[source] OciSpecError),
+    /// A capability name that names none.
+    #[error("unknown capability {name:?}")]
+    UnknownCapability {
+        /// The name asked for.
+        name: String,
+    },
+    /// A bind mount or tmpfs path that is not absolute, or a bind source
+    /// that does not exist.
+    #[error("invalid mount {path:?}: {reason}")]
+    InvalidMount {
+        /// The path.
+        path: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A negative limit.
+    #[error("invalid resource limits {limits:?}: limits are 0 (none) or positive")]
+    InvalidLimit {
+        /// The limits asked for.
+        limits: Limits,
+    },
 }
 
 impl From<OciSpecError> for SpecError {
@@ -193,6 +214,77 @@ pub struct RunOptions {
     pub readonly_rootfs: bool,
     /// Give the process a terminal (the runtime then needs a console socket).
     pub tty: bool,
+    /// Host paths bind-mounted into the container.
+    pub binds: Vec<Bind>,
+    /// Container paths that get a fresh tmpfs.
+    pub tmpfs: Vec<String>,
+    /// Memory, CPU and process limits.
+    pub limits: Limits,
+    /// Capabilities added to the default set (`ALL` for every one).
+    pub cap_add: Vec<String>,
+    /// Capabilities removed from the default set (`ALL` for every one).
+    pub cap_drop: Vec<String>,
+    /// Every capability and device, no masked or read-only paths, `/sys`
+    /// writable.
+    pub privileged: bool,
+}
+
+/// A host path mounted into the container.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bind {
+    /// Absolute path on the node.
+    pub source: PathBuf,
+    /// Absolute path in the container.
+    pub destination: String,
+    /// Read-only.
+    pub readonly: bool,
+}
+
+/// Resource limits of a container; 0 means none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory in bytes (swap included, so the limit is a limit).
+    pub memory_bytes: i64,
+    /// CPU in thousandths of a CPU.
+    pub cpu_millis: i64,
+    /// Most processes.
+    pub pids: i64,
+}
+
+/// The CFS period every CPU limit is expressed in, in microseconds.
+const CPU_PERIOD_MICROS: u64 = 100_000;
+
+/// The `linux.resources` of `limits`, over `base` (a spec's existing ones,
+/// or the default device rules): only the limits set are written.
+pub fn apply_limits(
+    mut base: oci_spec::runtime::LinuxResources,
+    limits: &Limits,
+) -> Result<oci_spec::runtime::LinuxResources, SpecError> {
+    use oci_spec::runtime::{LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder};
+    if limits.memory_bytes < 0 || limits.cpu_millis < 0 || limits.pids < 0 {
+        return Err(SpecError::InvalidLimit { limits: *limits });
+    }
+    if limits.memory_bytes > 0 {
+        let memory = LinuxMemoryBuilder::default()
+            .limit(limits.memory_bytes)
+            .swap(limits.memory_bytes)
+            .build()?;
+        base.set_memory(Some(memory));
+    }
+    if limits.cpu_millis > 0 {
+        let quota = limits.cpu_millis * CPU_PERIOD_MICROS as i64 / 1000;
+        let cpu = LinuxCpuBuilder::default()
+            .quota(quota.max(1000))
+            .period(CPU_PERIOD_MICROS)
+            .build()?;
+        base.set_cpu(Some(cpu));
+    }
+    if limits.pids > 0 {
+        base.set_pids(Some(
+            LinuxPidsBuilder::default().limit(limits.pids).build()?,
+        ));
+    }
+    Ok(base)
 }
 
 /// Returns the cgroup path runc creates for a container (cgroup v1 form,
@@ -228,7 +320,7 @@ pub fn build_spec(
     let user = resolve_user(rootfs, user_str)?;
     let env = process_env(image, opts, &user)?;
 
-    let caps: Capabilities = default_capabilities().into_iter().collect();
+    let caps = capabilities(opts)?;
     let capabilities = LinuxCapabilitiesBuilder::default()
         .bounding(caps.clone())
         .effective(caps.clone())
@@ -264,9 +356,9 @@ pub fn build_spec(
         )
         .process(process)
         .hostname(hostname(container_id, opts))
-        .mounts(default_mounts()?)
+        .mounts(mounts(opts)?)
         .annotations(annotations)
-        .linux(linux_section(namespace, container_id, opts.host_network)?)
+        .linux(linux_section(namespace, container_id, opts)?)
         .build()?)
 }
 
@@ -486,8 +578,9 @@ fn default_mounts() -> Result<Vec<Mount>, SpecError> {
 fn linux_section(
     namespace: &str,
     container_id: &str,
-    host_network: bool,
+    opts: &RunOptions,
 ) -> Result<oci_spec::runtime::Linux, SpecError> {
+    let host_network = opts.host_network;
     let mut kinds = vec![
         LinuxNamespaceType::Pid,
         LinuxNamespaceType::Ipc,
@@ -503,32 +596,173 @@ fn linux_section(
         .collect::<Result<Vec<_>, _>>()?;
 
     // Deny every device, then runc appends its default allow list (null,
-    // zero, full, tty, random, urandom, ptmx, pts).
-    let deny_all = LinuxDeviceCgroupBuilder::default()
-        .allow(false)
+    // zero, full, tty, random, urandom, ptmx, pts); privileged allows all.
+    let devices = LinuxDeviceCgroupBuilder::default()
+        .allow(opts.privileged)
         .access("rwm")
         .build()?;
     let resources = LinuxResourcesBuilder::default()
-        .devices(vec![deny_all])
+        .devices(vec![devices])
         .build()?;
+    let resources = apply_limits(resources, &opts.limits)?;
 
+    let paths = |list: &[&str]| -> Vec<String> {
+        if opts.privileged {
+            Vec::new()
+        } else {
+            list.iter().map(|p| p.to_string()).collect()
+        }
+    };
     Ok(LinuxBuilder::default()
         .cgroups_path(cgroups_path(namespace, container_id))
         .namespaces(namespaces)
         .resources(resources)
-        .masked_paths(
-            MASKED_PATHS
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>(),
-        )
-        .readonly_paths(
-            READONLY_PATHS
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>(),
-        )
+        .masked_paths(paths(MASKED_PATHS))
+        .readonly_paths(paths(READONLY_PATHS))
         .build()?)
+}
+
+/// The capability set: docker's defaults with the caller's additions and
+/// removals (`ALL` on either side), or every capability when privileged.
+fn capabilities(opts: &RunOptions) -> Result<Capabilities, SpecError> {
+    use std::collections::HashSet;
+    let all = || -> HashSet<Capability> { all_capabilities().into_iter().collect() };
+    if opts.privileged {
+        return Ok(all());
+    }
+    let mut caps: HashSet<Capability> = default_capabilities().into_iter().collect();
+    if opts
+        .cap_drop
+        .iter()
+        .any(|name| name.eq_ignore_ascii_case("ALL"))
+    {
+        caps.clear();
+    }
+    for name in &opts.cap_add {
+        if name.eq_ignore_ascii_case("ALL") {
+            caps = all();
+        } else {
+            caps.insert(parse_capability(name)?);
+        }
+    }
+    for name in &opts.cap_drop {
+        if !name.eq_ignore_ascii_case("ALL") {
+            caps.remove(&parse_capability(name)?);
+        }
+    }
+    Ok(caps)
+}
+
+/// A capability by name, `CAP_NET_ADMIN` or `net_admin`.
+pub fn parse_capability(name: &str) -> Result<Capability, SpecError> {
+    // The enum's text form is the name without its `CAP_` prefix.
+    let upper = name.trim().to_ascii_uppercase();
+    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    Capability::from_str(bare).map_err(|_| SpecError::UnknownCapability {
+        name: name.to_string(),
+    })
+}
+
+/// Every capability this kernel interface knows.
+fn all_capabilities() -> Vec<Capability> {
+    let mut caps = default_capabilities();
+    caps.extend([
+        Capability::DacReadSearch,
+        Capability::LinuxImmutable,
+        Capability::NetBroadcast,
+        Capability::NetAdmin,
+        Capability::IpcLock,
+        Capability::IpcOwner,
+        Capability::SysModule,
+        Capability::SysRawio,
+        Capability::SysPtrace,
+        Capability::SysPacct,
+        Capability::SysAdmin,
+        Capability::SysBoot,
+        Capability::SysNice,
+        Capability::SysResource,
+        Capability::SysTime,
+        Capability::SysTtyConfig,
+        Capability::Lease,
+        Capability::AuditControl,
+        Capability::MacOverride,
+        Capability::MacAdmin,
+        Capability::Syslog,
+        Capability::WakeAlarm,
+        Capability::BlockSuspend,
+        Capability::AuditRead,
+        Capability::Perfmon,
+        Capability::Bpf,
+        Capability::CheckpointRestore,
+    ]);
+    caps
+}
+
+/// The default mounts, then the caller's tmpfs and bind mounts (which
+/// replace a default at the same destination).
+fn mounts(opts: &RunOptions) -> Result<Vec<Mount>, SpecError> {
+    let mut mounts = default_mounts()?;
+    if opts.privileged {
+        for m in mounts
+            .iter_mut()
+            .filter(|m| m.destination() == Path::new("/sys"))
+        {
+            let options: Vec<String> = m
+                .options()
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|o| o != "ro")
+                .collect();
+            m.set_options(Some(options));
+        }
+    }
+    let mut extra = Vec::new();
+    for dest in &opts.tmpfs {
+        check_container_path(dest)?;
+        extra.push(mount(
+            dest,
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "nodev", "mode=1777"],
+        )?);
+    }
+    for bind in &opts.binds {
+        check_container_path(&bind.destination)?;
+        if !bind.source.is_absolute() {
+            return Err(SpecError::InvalidMount {
+                path: bind.source.to_string_lossy().into_owned(),
+                reason: "the source is not an absolute path",
+            });
+        }
+        if !bind.source.exists() {
+            return Err(SpecError::InvalidMount {
+                path: bind.source.to_string_lossy().into_owned(),
+                reason: "the source does not exist on the node",
+            });
+        }
+        let mode = if bind.readonly { "ro" } else { "rw" };
+        let source = bind.source.to_string_lossy();
+        extra.push(mount(
+            &bind.destination,
+            "bind",
+            &source,
+            &["rbind", "rprivate", mode],
+        )?);
+    }
+    mounts.retain(|m| !extra.iter().any(|e| e.destination() == m.destination()));
+    mounts.extend(extra);
+    Ok(mounts)
+}
+
+fn check_container_path(path: &str) -> Result<(), SpecError> {
+    if !path.starts_with('/') || path.split('/').any(|part| part == "..") {
+        return Err(SpecError::InvalidMount {
+            path: path.to_string(),
+            reason: "a container path is absolute and has no `..`",
+        });
+    }
+    Ok(())
 }
 
 /// Parses a signal given by name (`SIGQUIT`, `quit`) or number (`3`).

@@ -35,6 +35,8 @@ pub enum Status {
     Created,
     /// Started and not exited.
     Running,
+    /// Frozen by `pause`.
+    Paused,
     /// The init exited; see the record's exit.
     Stopped,
     /// The shim is gone and runc cannot say what became of the process.
@@ -47,6 +49,7 @@ impl Status {
         match self {
             Status::Created => "created",
             Status::Running => "running",
+            Status::Paused => "paused",
             Status::Stopped => "stopped",
             Status::Unknown => "unknown",
         }
@@ -82,6 +85,25 @@ pub struct TaskRecord {
     /// True once metadata applied the exit and the shim was told so.
     #[serde(default)]
     pub exit_acked: bool,
+    /// Where the task's cgroup is in each hierarchy, read from
+    /// `/proc/<pid>/cgroup` at create.
+    #[serde(default)]
+    pub cgroups: crate::cgroup::Paths,
+    /// True when the OOM killer killed a process of the task.
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// The task's exec processes by id.
+    #[serde(default)]
+    pub execs: std::collections::BTreeMap<String, ExecRecord>,
+}
+
+/// One exec process of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRecord {
+    /// Its pid on the node.
+    pub pid: u32,
+    /// Its exit, once known.
+    pub exit: Option<Exit>,
 }
 
 /// The task store of one node.

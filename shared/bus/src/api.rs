@@ -214,6 +214,20 @@ impl Task {
         list, "list", task::ListRequest, task::ListReply);
     read_op!(/// `logs`.
         logs, "logs", task::LogsRequest, task::LogsReply);
+    mut_op!(/// `stop`.
+        stop, "stop", task::StopRequest, task::StopReply);
+    mut_op!(/// `pause`.
+        pause, "pause", task::PauseRequest, task::PauseReply);
+    mut_op!(/// `resume`.
+        resume, "resume", task::ResumeRequest, task::ResumeReply);
+    mut_op!(/// `exec`.
+        exec, "exec", task::ExecRequest, task::ExecReply);
+    read_op!(/// `ps`.
+        ps, "ps", task::PsRequest, task::PsReply);
+    read_op!(/// `metrics`.
+        metrics, "metrics", task::MetricsRequest, task::MetricsReply);
+    mut_op!(/// `update`.
+        update, "update", task::UpdateRequest, task::UpdateReply);
 }
 
 /// The gc service.

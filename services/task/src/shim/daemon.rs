@@ -21,8 +21,9 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::protocol::{
-    write_atomic, ExitRecord, Reply, Request, TaskState, TaskStatus, EXIT_FILE, INIT_PID_FILE,
-    MAX_LINE, RUNC_LOG_FILE, RUNC_ROOT_DIR, SHIM_PID_FILE, STDERR_FILE, STDOUT_FILE,
+    check_exec_id, write_atomic, ExitRecord, Reply, Request, TaskState, TaskStatus, EXEC_DIR,
+    EXIT_FILE, INIT_PID_FILE, MAX_LINE, RUNC_LOG_FILE, RUNC_ROOT_DIR, SHIM_PID_FILE, STDERR_FILE,
+    STDOUT_FILE,
 };
 
 /// How the shim was invoked.
@@ -62,6 +63,17 @@ struct State {
     /// runc children in flight: pid -> exit status once reaped.
     runc_children: HashMap<i32, Option<i32>>,
     unclaimed: VecDeque<(i32, ExitRecord)>,
+    /// Exec processes by id: pid and exit once known.
+    execs: HashMap<String, ExecEntry>,
+    /// Exec process ids by pid, for the reaper.
+    exec_pids: HashMap<i32, String>,
+}
+
+/// One exec process.
+#[derive(Clone, Copy, Default)]
+struct ExecEntry {
+    pid: i32,
+    exit: Option<ExitRecord>,
 }
 
 pub(crate) struct Shim {
@@ -134,6 +146,9 @@ impl Shim {
             } else if st.init_pid == Some(pid) {
                 drop(st);
                 self.record_exit(record);
+            } else if let Some(exec_id) = st.exec_pids.remove(&pid) {
+                drop(st);
+                self.record_exec_exit(&exec_id, record);
             } else {
                 if st.unclaimed.len() == UNCLAIMED_EXITS {
                     st.unclaimed.pop_front();
@@ -153,6 +168,27 @@ impl Shim {
         let mut st = self.lock();
         st.exit = Some(record);
         self.changed.notify_all();
+    }
+
+    /// Makes an exec process's exit durable in its `exit.json`, then tells
+    /// waiters.
+    fn record_exec_exit(&self, exec_id: &str, record: ExitRecord) {
+        let path = self.exec_dir(exec_id).join(EXIT_FILE);
+        let written = serde_json::to_vec(&record)
+            .map_err(std::io::Error::other)
+            .and_then(|json| write_atomic(&path, &json));
+        if let Err(err) = written {
+            eprintln!("failed to write exit record of exec {exec_id}: {err}");
+        }
+        let mut st = self.lock();
+        if let Some(entry) = st.execs.get_mut(exec_id) {
+            entry.exit = Some(record);
+        }
+        self.changed.notify_all();
+    }
+
+    fn exec_dir(&self, exec_id: &str) -> PathBuf {
+        self.cfg.state_dir.join(EXEC_DIR).join(exec_id)
     }
 
     fn write_exit(&self, record: &ExitRecord) -> std::io::Result<()> {
@@ -326,8 +362,197 @@ impl Shim {
             Request::Wait => Reply::Exited(self.wait(None).unwrap_or_default()),
             Request::Delete => return self.delete(),
             Request::AckExit => self.ack_exit(),
+            Request::Pause => self.simple(&["pause".as_ref(), id.as_ref()]),
+            Request::Resume => self.simple(&["resume".as_ref(), id.as_ref()]),
+            Request::Ps => self.ps(),
+            Request::Update { resources } => self.update(&resources),
+            Request::Exec { exec_id, process } => self.exec(&exec_id, &process),
+            Request::ExecState { exec_id } => match self.lock().execs.get(&exec_id) {
+                Some(entry) => Reply::ExecState {
+                    pid: entry.pid as u32,
+                    exit: entry.exit,
+                },
+                None => error_reply(&format!("no exec process {exec_id:?} in container {id:?}")),
+            },
+            Request::WaitExec { exec_id } => self.wait_exec(&exec_id),
+            Request::DeleteExec { exec_id } => self.delete_exec(&exec_id),
         };
         (reply, false)
+    }
+
+    /// A runc command whose success is the whole answer.
+    fn simple(&self, args: &[&std::ffi::OsStr]) -> Reply {
+        match self.runc(args, Stdio::null(), Stdio::null()) {
+            Ok(()) => Reply::Done,
+            Err(message) => Reply::Error { message },
+        }
+    }
+
+    /// `runc ps --format json`: the container's host pids.
+    fn ps(&self) -> Reply {
+        let id = &self.cfg.container_id;
+        let out_path = self.cfg.state_dir.join("ps.json");
+        let out = match fs::File::create(&out_path) {
+            Ok(file) => file,
+            Err(err) => return error_reply(&format!("failed to create {out_path:?}: {err}")),
+        };
+        let args = [
+            "ps".as_ref(),
+            "--format".as_ref(),
+            "json".as_ref(),
+            id.as_ref(),
+        ];
+        if let Err(message) = self.runc(&args, out.into(), Stdio::null()) {
+            return Reply::Error { message };
+        }
+        let parsed = fs::read(&out_path)
+            .map_err(|err| err.to_string())
+            .and_then(|bytes| {
+                serde_json::from_slice::<Vec<u32>>(&bytes).map_err(|err| err.to_string())
+            });
+        let _ = fs::remove_file(&out_path);
+        match parsed {
+            Ok(pids) => Reply::Pids { pids },
+            Err(err) => error_reply(&format!("malformed runc ps output: {err}")),
+        }
+    }
+
+    /// `runc update --resources FILE`.
+    fn update(&self, resources: &serde_json::Value) -> Reply {
+        let id = &self.cfg.container_id;
+        let path = self.cfg.state_dir.join("update.json");
+        let written = serde_json::to_vec(resources)
+            .map_err(std::io::Error::other)
+            .and_then(|json| write_atomic(&path, &json));
+        if let Err(err) = written {
+            return error_reply(&format!("failed to write {path:?}: {err}"));
+        }
+        let reply = self.simple(&[
+            "update".as_ref(),
+            "--resources".as_ref(),
+            path.as_os_str(),
+            id.as_ref(),
+        ]);
+        let _ = fs::remove_file(&path);
+        reply
+    }
+
+    /// `runc exec --detach`: the process is reparented to the shim (its
+    /// subreaper), whose reaper records its exit.
+    fn exec(&self, exec_id: &str, process: &serde_json::Value) -> Reply {
+        let id = &self.cfg.container_id;
+        if let Err(message) = check_exec_id(exec_id) {
+            return Reply::Error { message };
+        }
+        {
+            let mut st = self.lock();
+            if st.exit.is_some() {
+                return error_reply(&format!("container {id:?} has exited"));
+            }
+            if st.execs.contains_key(exec_id) {
+                return error_reply(&format!(
+                    "exec process {exec_id:?} exists already in container {id:?}"
+                ));
+            }
+            st.execs.insert(exec_id.to_string(), ExecEntry::default());
+        }
+        match self.exec_inner(exec_id, process) {
+            Ok(pid) => Reply::Started { pid },
+            Err(message) => {
+                self.lock().execs.remove(exec_id);
+                let _ = fs::remove_dir_all(self.exec_dir(exec_id));
+                Reply::Error { message }
+            }
+        }
+    }
+
+    fn exec_inner(&self, exec_id: &str, process: &serde_json::Value) -> Result<u32, String> {
+        let dir = self.exec_dir(exec_id);
+        fs::create_dir_all(&dir).map_err(|e| format!("failed to create {dir:?}: {e}"))?;
+        let spec = dir.join("process.json");
+        let json = serde_json::to_vec(process).map_err(|e| e.to_string())?;
+        write_atomic(&spec, &json).map_err(|e| format!("failed to write {spec:?}: {e}"))?;
+        let open = |name: &str| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(name))
+                .map_err(|e| format!("failed to open {name}: {e}"))
+        };
+        let (stdout, stderr) = (open(STDOUT_FILE)?, open(STDERR_FILE)?);
+        let pid_file = dir.join("pid");
+        self.runc(
+            &[
+                "exec".as_ref(),
+                "--process".as_ref(),
+                spec.as_os_str(),
+                "--detach".as_ref(),
+                "--pid-file".as_ref(),
+                pid_file.as_os_str(),
+                self.cfg.container_id.as_ref(),
+            ],
+            stdout.into(),
+            stderr.into(),
+        )?;
+        let text =
+            fs::read_to_string(&pid_file).map_err(|e| format!("failed to read exec pid: {e}"))?;
+        let pid: i32 = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("invalid exec pid {:?}", text.trim()))?;
+
+        // The process may have exited before its pid was known.
+        let mut st = self.lock();
+        if let Some(entry) = st.execs.get_mut(exec_id) {
+            entry.pid = pid;
+        }
+        match st.unclaimed.iter().position(|(p, _)| *p == pid) {
+            Some(pos) => {
+                let (_, record) = st
+                    .unclaimed
+                    .remove(pos)
+                    .unwrap_or((pid, ExitRecord::default()));
+                drop(st);
+                self.record_exec_exit(exec_id, record);
+            }
+            None => {
+                st.exec_pids.insert(pid, exec_id.to_string());
+            }
+        }
+        Ok(pid as u32)
+    }
+
+    fn wait_exec(&self, exec_id: &str) -> Reply {
+        let st = self.lock();
+        if !st.execs.contains_key(exec_id) {
+            return error_reply(&format!("no exec process {exec_id:?}"));
+        }
+        let st = self
+            .changed
+            .wait_while(st, |s| {
+                s.execs.get(exec_id).is_some_and(|e| e.exit.is_none())
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        match st.execs.get(exec_id).and_then(|e| e.exit) {
+            Some(exit) => Reply::Exited(exit),
+            None => error_reply(&format!("exec process {exec_id:?} was deleted")),
+        }
+    }
+
+    fn delete_exec(&self, exec_id: &str) -> Reply {
+        let mut st = self.lock();
+        match st.execs.get(exec_id) {
+            None => return error_reply(&format!("no exec process {exec_id:?}")),
+            Some(entry) if entry.exit.is_none() => {
+                return error_reply(&format!("exec process {exec_id:?} is running"))
+            }
+            Some(_) => {}
+        }
+        st.execs.remove(exec_id);
+        self.changed.notify_all();
+        drop(st);
+        let _ = fs::remove_dir_all(self.exec_dir(exec_id));
+        Reply::Done
     }
 
     fn start(&self) -> Reply {
@@ -435,6 +660,7 @@ impl Shim {
             let _ = fs::remove_file(state.join(EXIT_FILE));
         }
         let _ = fs::remove_dir(state.join(RUNC_ROOT_DIR));
+        let _ = fs::remove_dir_all(state.join(EXEC_DIR));
         std::process::exit(0)
     }
 

@@ -16,6 +16,8 @@
 //! <state>/runc.log     runc's own log (JSON lines), read for error messages
 //! <state>/shim.log     the shim's own diagnostics
 //! <state>/runc/        runc's state root (--root)
+//! <state>/exec/<exec id>/{process.json, pid, stdout.log, stderr.log, exit.json}
+//!                      one exec process: its spec, pid, output and exit
 //! ```
 
 use std::fs;
@@ -40,8 +42,26 @@ pub const STDERR_FILE: &str = "stderr.log";
 pub const RUNC_LOG_FILE: &str = "runc.log";
 /// runc's state root directory name inside the state directory.
 pub const RUNC_ROOT_DIR: &str = "runc";
+/// Directory of exec processes inside the state directory.
+pub const EXEC_DIR: &str = "exec";
 /// Longest request line the shim reads, in bytes.
 pub const MAX_LINE: usize = 64 * 1024;
+
+/// Checks an exec id: `[A-Za-z0-9_.-]{1,64}`, not starting with `.`, so it
+/// names one directory.
+pub fn check_exec_id(exec_id: &str) -> Result<(), String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || "_.-".contains(c);
+    if exec_id.is_empty()
+        || exec_id.len() > 64
+        || exec_id.starts_with('.')
+        || !exec_id.chars().all(ok)
+    {
+        return Err(format!(
+            "invalid exec id {exec_id:?}: use 1 to 64 of A-Za-z0-9_.-"
+        ));
+    }
+    Ok(())
+}
 
 /// One request to the shim.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +85,42 @@ pub enum Request {
     Delete,
     /// The exit has been applied by metadata; replies [`Reply::Acked`].
     AckExit,
+    /// `runc pause`; replies [`Reply::Done`].
+    Pause,
+    /// `runc resume`; replies [`Reply::Done`].
+    Resume,
+    /// `runc ps`; replies [`Reply::Pids`].
+    Ps,
+    /// `runc update --resources FILE` with these OCI `LinuxResources`;
+    /// replies [`Reply::Done`].
+    Update {
+        /// The resources, as the runtime spec's `linux.resources` object.
+        resources: serde_json::Value,
+    },
+    /// `runc exec --detach` of this OCI `process` object; replies
+    /// [`Reply::Started`] with the exec process's pid.
+    Exec {
+        /// The exec process's id, unique within the task.
+        exec_id: String,
+        /// The process, as the runtime spec's `process` object.
+        process: serde_json::Value,
+    },
+    /// Replies [`Reply::ExecState`].
+    ExecState {
+        /// The exec process.
+        exec_id: String,
+    },
+    /// Blocks until the exec process exits; replies [`Reply::Exited`].
+    WaitExec {
+        /// The exec process.
+        exec_id: String,
+    },
+    /// Forgets an exited exec process and removes its files; replies
+    /// [`Reply::Done`].
+    DeleteExec {
+        /// The exec process.
+        exec_id: String,
+    },
 }
 
 /// One reply from the shim.
@@ -89,6 +145,20 @@ pub enum Reply {
     },
     /// The exit is marked as applied.
     Acked,
+    /// The request was carried out.
+    Done,
+    /// The processes of the container, by host pid.
+    Pids {
+        /// Host pids.
+        pids: Vec<u32>,
+    },
+    /// An exec process's state.
+    ExecState {
+        /// Its host pid.
+        pid: u32,
+        /// Its exit, once it exited.
+        exit: Option<ExitRecord>,
+    },
     /// The request failed; `message` says why (runc's own words for a runc
     /// failure).
     Error {

@@ -648,3 +648,155 @@ fn config_json_is_written() {
     let back = Spec::load(bundle.path().join("config.json")).unwrap();
     assert_eq!(back, spec);
 }
+
+#[test]
+fn capabilities_are_added_dropped_and_privileged_takes_all() {
+    let caps = |opts: &RunOptions| -> Vec<Capability> {
+        let spec = spec_for("cmd-only", opts).unwrap();
+        let process = spec.process().clone().unwrap();
+        let mut caps: Vec<_> = process
+            .capabilities()
+            .as_ref()
+            .unwrap()
+            .bounding()
+            .clone()
+            .unwrap()
+            .into_iter()
+            .collect();
+        caps.sort_by_key(|c| c.to_string());
+        caps
+    };
+    let defaults = caps(&RunOptions::default());
+    assert!(!defaults.contains(&Capability::NetAdmin));
+    let added = caps(&RunOptions {
+        cap_add: vec!["net_admin".into()],
+        cap_drop: vec!["CAP_CHOWN".into()],
+        ..RunOptions::default()
+    });
+    assert!(added.contains(&Capability::NetAdmin));
+    assert!(!added.contains(&Capability::Chown));
+    assert_eq!(added.len(), defaults.len());
+    let only_kill = caps(&RunOptions {
+        cap_drop: vec!["ALL".into()],
+        cap_add: vec!["KILL".into()],
+        ..RunOptions::default()
+    });
+    assert_eq!(only_kill, [Capability::Kill]);
+    let privileged = caps(&RunOptions {
+        privileged: true,
+        ..RunOptions::default()
+    });
+    assert!(privileged.contains(&Capability::SysAdmin));
+    let unknown = spec_for(
+        "cmd-only",
+        &RunOptions {
+            cap_add: vec!["FLY".into()],
+            ..RunOptions::default()
+        },
+    );
+    assert!(matches!(unknown, Err(SpecError::UnknownCapability { .. })));
+}
+
+#[test]
+fn privileged_drops_masks_and_allows_devices() {
+    let spec = spec_for(
+        "cmd-only",
+        &RunOptions {
+            privileged: true,
+            ..RunOptions::default()
+        },
+    )
+    .unwrap();
+    let linux = spec.linux().clone().unwrap();
+    assert!(linux.masked_paths().clone().unwrap_or_default().is_empty());
+    assert!(linux
+        .readonly_paths()
+        .clone()
+        .unwrap_or_default()
+        .is_empty());
+    let devices = linux
+        .resources()
+        .clone()
+        .unwrap()
+        .devices()
+        .clone()
+        .unwrap();
+    assert!(devices[0].allow());
+    let sys = spec
+        .mounts()
+        .clone()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.destination() == Path::new("/sys"))
+        .unwrap();
+    assert!(!sys.options().clone().unwrap().contains(&"ro".to_string()));
+}
+
+#[test]
+fn binds_tmpfs_and_limits_reach_the_spec() {
+    let host = tempfile::tempdir().unwrap();
+    let opts = RunOptions {
+        binds: vec![Bind {
+            source: host.path().to_path_buf(),
+            destination: "/data".into(),
+            readonly: true,
+        }],
+        tmpfs: vec!["/scratch".into()],
+        limits: Limits {
+            memory_bytes: 32 << 20,
+            cpu_millis: 1500,
+            pids: 20,
+        },
+        ..RunOptions::default()
+    };
+    let spec = spec_for("cmd-only", &opts).unwrap();
+    let mounts = spec.mounts().clone().unwrap();
+    let data = mounts
+        .iter()
+        .find(|m| m.destination() == Path::new("/data"))
+        .unwrap();
+    assert_eq!(data.typ().as_deref(), Some("bind"));
+    assert!(data.options().clone().unwrap().contains(&"ro".to_string()));
+    let scratch = mounts
+        .iter()
+        .find(|m| m.destination() == Path::new("/scratch"))
+        .unwrap();
+    assert_eq!(scratch.typ().as_deref(), Some("tmpfs"));
+    let resources = spec.linux().clone().unwrap().resources().clone().unwrap();
+    assert_eq!(resources.memory().unwrap().limit(), Some(32 << 20));
+    let cpu = resources.cpu().clone().unwrap();
+    assert_eq!((cpu.quota(), cpu.period()), (Some(150_000), Some(100_000)));
+    assert_eq!(resources.pids().unwrap().limit(), 20);
+
+    let relative = RunOptions {
+        tmpfs: vec!["scratch".into()],
+        ..RunOptions::default()
+    };
+    assert!(matches!(
+        spec_for("cmd-only", &relative),
+        Err(SpecError::InvalidMount { .. })
+    ));
+    let missing = RunOptions {
+        binds: vec![Bind {
+            source: "/no/such/dir".into(),
+            destination: "/data".into(),
+            readonly: false,
+        }],
+        ..RunOptions::default()
+    };
+    assert!(matches!(
+        spec_for("cmd-only", &missing),
+        Err(SpecError::InvalidMount { .. })
+    ));
+    let negative = RunOptions {
+        limits: Limits {
+            memory_bytes: -1,
+            ..Limits::default()
+        },
+        ..RunOptions::default()
+    };
+    assert!(matches!(
+        spec_for("cmd-only", &negative),
+        Err(SpecError::InvalidLimit { .. })
+    ));
+}

@@ -1,64 +1,18 @@
-//! One function per op of `berth.v1.<namespace>.task.<node>.<op>`.
-//!
-//! Every op that changes a task takes that task's lock first, so a retry of
-//! a request (same request id) sees the outcome of the first one, and a
-//! start is always recorded before the exit that follows it.
+//! `create`, `start` and `delete`: the task from reservation to removal.
 
-use std::path::Path;
 use std::sync::Arc;
-
-use prost::Message;
 
 use berth_bus::{Call, Code};
 use berth_proto::metadata as mpb;
 use berth_proto::task as pb;
 use berth_proto::Timestamp;
 
+use super::{io_err, shim_error, task_event};
 use crate::error::{Result, TaskError};
 use crate::shim_client::{spawn_shim_at, ShimClient, ShimClientError};
 use crate::spec::{self, ImageConfig, RunOptions};
 use crate::store::{Status, TaskRecord};
 use crate::{monitor, remove_tree, TaskService};
-
-impl TaskService {
-    /// The first outcome of a retried request id, if this is a retry.
-    fn replay<Rep: Message + Default>(&self, call: &Call) -> Result<Option<Rep>> {
-        if call.request_id().is_none() {
-            return Ok(None);
-        }
-        let txn = self.store.env.write_txn()?;
-        Ok(self.store.requests.replay(&txn, call)?)
-    }
-
-    /// The record of a container's task, or `NotFound`.
-    pub(crate) fn record(&self, namespace: &str, container_id: &str) -> Result<TaskRecord> {
-        let txn = self.store.env.read_txn()?;
-        self.store
-            .get(&txn, namespace, container_id)?
-            .ok_or_else(|| TaskError::NoTask {
-                container_id: container_id.to_string(),
-            })
-    }
-
-    fn shim_client(&self, record: &TaskRecord) -> ShimClient {
-        ShimClient::at_socket(record.socket.clone())
-    }
-}
-
-fn task_event(container_id: &str, record: &TaskRecord) -> pb::TaskEvent {
-    let exit = record.exit;
-    pb::TaskEvent {
-        container_id: container_id.to_string(),
-        pid: record.pid,
-        exit_status: exit.map(|e| e.status).unwrap_or_default(),
-        exited_at: exit.map(|e| Timestamp {
-            unix_nanos: e.exited_at,
-        }),
-        oom_killed: false,
-        boot_id: record.boot_id.clone(),
-        pid_start_time: record.pid_start_time,
-    }
-}
 
 /// A generation no earlier reservation of this container had: the time.
 fn new_generation() -> u64 {
@@ -234,6 +188,9 @@ async fn make_task(
         exit: None,
         socket,
         exit_acked: false,
+        cgroups: crate::cgroup::of_pid(pid),
+        oom_killed: false,
+        execs: Default::default(),
     })
 }
 
@@ -277,6 +234,24 @@ fn run_options(options: &mpb::RunOptions) -> RunOptions {
         host_network: options.host_network,
         readonly_rootfs: options.readonly_rootfs,
         tty: options.tty,
+        binds: options
+            .binds
+            .iter()
+            .map(|bind| spec::Bind {
+                source: bind.source.clone().into(),
+                destination: bind.destination.clone(),
+                readonly: bind.readonly,
+            })
+            .collect(),
+        tmpfs: options.tmpfs.clone(),
+        limits: spec::Limits {
+            memory_bytes: options.memory_bytes,
+            cpu_millis: options.cpu_millis,
+            pids: options.pids_limit,
+        },
+        cap_add: options.cap_add.clone(),
+        cap_drop: options.cap_drop.clone(),
+        privileged: options.privileged,
     }
 }
 
@@ -353,74 +328,15 @@ async fn start_task(svc: &TaskService, call: &Call, container_id: &str) -> Resul
         .shim_client(&record)
         .start()
         .await
-        .map_err(|err| match err {
-            ShimClientError::Shim { message, .. } => TaskError::Runc {
-                container_id: container_id.to_string(),
-                message,
-            },
-            source => TaskError::Shim {
-                container_id: container_id.to_string(),
-                source,
-            },
-        })?;
+        .map_err(shim_error(container_id))?;
 
     record.status = Status::Running;
     record.pid = pid;
     let reply = pb::StartReply { pid };
-    let mut txn = svc.store.env.write_txn()?;
-    svc.store.put(&mut txn, namespace, container_id, &record)?;
     let event = task_event(container_id, &record);
-    svc.store.outbox.push(
-        &mut txn,
-        namespace,
-        "tasks.start",
-        record.generation,
-        &event,
-    )?;
-    svc.store.requests.record(&mut txn, call, &reply)?;
-    txn.commit()?;
+    svc.commit_change(call, container_id, &record, "tasks.start", &event, &reply)?;
     tracing::info!(namespace, container_id, pid, "task started");
     Ok(reply)
-}
-
-/// `kill`: signals the init, or every process of the container.
-/// `FailedPrecondition` once the task has exited. Not recorded by request
-/// id: sending a signal again is what a retry means.
-pub(crate) async fn kill(
-    svc: Arc<TaskService>,
-    call: Call,
-    req: pb::KillRequest,
-) -> berth_bus::Result<pb::KillReply> {
-    call.record("container_id", &req.container_id);
-    let record = svc.record(call.namespace(), &req.container_id)?;
-    if matches!(record.status, Status::Stopped | Status::Unknown) {
-        return Err(TaskError::State {
-            container_id: req.container_id,
-            status: record.status.as_str(),
-            reason: "there is no process to signal",
-        }
-        .into());
-    }
-    let signal = i32::try_from(req.signal).unwrap_or(i32::MAX);
-    svc.shim_client(&record)
-        .kill(signal, req.all)
-        .await
-        .map_err(|err| match err {
-            ShimClientError::Shim { message, .. } => TaskError::State {
-                container_id: req.container_id.clone(),
-                status: "not running",
-                reason: if message.contains("not running") {
-                    "there is no process to signal"
-                } else {
-                    "runc refused the signal"
-                },
-            },
-            source => TaskError::Shim {
-                container_id: req.container_id.clone(),
-                source,
-            },
-        })?;
-    Ok(pb::KillReply {})
 }
 
 /// `delete`: removes a task that is not running: runc's state, the rootfs
@@ -431,6 +347,10 @@ pub(crate) async fn delete(
     call: Call,
     req: pb::DeleteRequest,
 ) -> berth_bus::Result<pb::DeleteReply> {
+    if !req.exec_id.is_empty() {
+        let reply = super::exec::delete_exec(&svc, &call, &req.container_id, &req.exec_id).await?;
+        return Ok(reply);
+    }
     Ok(delete_task(&svc, &call, &req.container_id).await?)
 }
 
@@ -447,7 +367,7 @@ async fn delete_task(
         return Ok(reply);
     }
     let record = svc.record(namespace, container_id)?;
-    if record.status == Status::Running {
+    if matches!(record.status, Status::Running | Status::Paused) {
         return Err(TaskError::State {
             container_id: container_id.to_string(),
             status: record.status.as_str(),
@@ -521,109 +441,5 @@ async fn force_delete(svc: &TaskService, namespace: &str, container_id: &str) {
         .await;
     if let Err(err) = outcome {
         tracing::warn!(namespace, container_id, error = %err, "runc delete not run");
-    }
-}
-
-fn state_of(container_id: &str, record: &TaskRecord) -> pb::State {
-    pb::State {
-        container_id: container_id.to_string(),
-        status: record.status.as_str().to_string(),
-        pid: record.pid,
-        exit_status: record.exit.map(|e| e.status).unwrap_or_default(),
-        exited_at: record.exit.map(|e| Timestamp {
-            unix_nanos: e.exited_at,
-        }),
-        generation: record.generation,
-    }
-}
-
-/// `state`: one task as this node knows it.
-pub(crate) async fn state(
-    svc: Arc<TaskService>,
-    call: Call,
-    req: pb::StateRequest,
-) -> berth_bus::Result<pb::StateReply> {
-    let record = svc.record(call.namespace(), &req.container_id)?;
-    Ok(pb::StateReply {
-        state: Some(state_of(&req.container_id, &record)),
-    })
-}
-
-/// `list`: every task of the namespace on this node.
-pub(crate) async fn list(
-    svc: Arc<TaskService>,
-    call: Call,
-    _req: pb::ListRequest,
-) -> berth_bus::Result<pb::ListReply> {
-    let txn = svc.store.env.read_txn()?;
-    let states = svc
-        .store
-        .list(&txn, call.namespace())?
-        .iter()
-        .map(|(container_id, record)| state_of(container_id, record))
-        .collect();
-    Ok(pb::ListReply { states })
-}
-
-/// `logs`: a range of the task's stdout or stderr, kept apart in the shim's
-/// state directory. `eof` once the task has exited and the range reaches the
-/// end of the stream.
-pub(crate) async fn logs(
-    svc: Arc<TaskService>,
-    call: Call,
-    req: pb::LogsRequest,
-) -> berth_bus::Result<pb::LogsReply> {
-    let record = svc.record(call.namespace(), &req.container_id)?;
-    let name = match pb::Stream::try_from(req.stream) {
-        Ok(pb::Stream::Stderr) => crate::shim::protocol::STDERR_FILE,
-        _ => crate::shim::protocol::STDOUT_FILE,
-    };
-    let path = svc
-        .paths
-        .shim_state(call.namespace(), &req.container_id)
-        .join(name);
-    let max = svc.client.max_body() as i64;
-    let length = if req.length <= 0 {
-        max
-    } else {
-        req.length.min(max)
-    };
-    let offset = req.offset.max(0) as u64;
-    let (data, size) =
-        tokio::task::spawn_blocking(move || read_range(&path, offset, length as usize))
-            .await
-            .map_err(|err| berth_bus::Error::internal(err.to_string()))??;
-    let exited = matches!(record.status, Status::Stopped | Status::Unknown);
-    let eof = exited && offset + data.len() as u64 >= size;
-    Ok(pb::LogsReply {
-        data: data.into(),
-        eof,
-    })
-}
-
-/// Up to `length` bytes of `path` at `offset`, and the file's size; a
-/// missing file is empty.
-fn read_range(path: &Path, offset: u64, length: usize) -> berth_bus::Result<(Vec<u8>, u64)> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
-        Err(err) => return Err(err.into()),
-    };
-    let size = file.metadata()?.len();
-    if offset >= size {
-        return Ok((Vec::new(), size));
-    }
-    file.seek(SeekFrom::Start(offset))?;
-    let mut data = Vec::with_capacity(length.min((size - offset) as usize));
-    file.take(length as u64).read_to_end(&mut data)?;
-    Ok((data, size))
-}
-
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TaskError + 'a {
-    move |source| TaskError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
     }
 }

@@ -1,0 +1,283 @@
+//! Acting on running tasks over NATS, with real runc and busybox: pause and
+//! resume, exec, stop, ps, metrics, limits and the OOM killer. Needs root.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use berth_bus::Code;
+use berth_proto::{metadata as mpb, task as tpb};
+use common::Node;
+
+/// The freezer state of a process's cgroup (v1 freezer or v2 `cgroup.freeze`).
+fn freezer_state(pid: u32) -> String {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
+        let (Some(controllers), Some(path)) = (controllers, path) else {
+            continue;
+        };
+        if controllers.split(',').any(|c| c == "freezer") {
+            let file = format!("/sys/fs/cgroup/freezer{path}/freezer.state");
+            return std::fs::read_to_string(file)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+        }
+        if controllers.is_empty() {
+            let file = format!("/sys/fs/cgroup{path}/cgroup.freeze");
+            let frozen = std::fs::read_to_string(file).unwrap_or_default().trim() == "1";
+            return if frozen { "FROZEN" } else { "THAWED" }.to_string();
+        }
+    }
+    String::new()
+}
+
+async fn exec_output(node: &Node, container_id: &str, exec_id: &str) -> Result<(Vec<u8>, u32)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let state = loop {
+        let state = node
+            .task()
+            .state(&tpb::StateRequest {
+                container_id: container_id.into(),
+                exec_id: exec_id.into(),
+            })
+            .await?
+            .state
+            .unwrap_or_default();
+        if state.status == "stopped" {
+            break state;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "exec {exec_id} did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let logs = node
+        .task()
+        .logs(&tpb::LogsRequest {
+            container_id: container_id.into(),
+            stream: tpb::Stream::Stdout as i32,
+            exec_id: exec_id.into(),
+            ..Default::default()
+        })
+        .await?;
+    assert!(logs.eof);
+    Ok((logs.data.to_vec(), state.exit_status))
+}
+
+/// pause freezes and resume thaws, each recorded and published; an exec
+/// runs beside the init with its own output and exit status; ps lists both
+/// processes while the exec runs; metrics count the task's memory and pids.
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_resume_exec_ps_and_metrics() -> Result<()> {
+    let node = Node::start("control").await?;
+    let image = node.import_busybox().await?;
+    let options = mpb::RunOptions {
+        args: vec!["sleep".into(), "600".into()],
+        memory_bytes: 64 << 20,
+        pids_limit: 50,
+        ..Default::default()
+    };
+    node.container_with("c", &image, options).await?;
+    let pid = node.run("c").await?;
+
+    // pause and resume, refused out of order.
+    let task = node.task();
+    task.pause(&tpb::PauseRequest {
+        container_id: "c".into(),
+    })
+    .await?;
+    assert_eq!(node.state("c").await?.status, "paused");
+    assert_eq!(freezer_state(pid), "FROZEN");
+    let again = task
+        .pause(&tpb::PauseRequest {
+            container_id: "c".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code, Code::FailedPrecondition, "{again}");
+    let exec_while_paused = task
+        .exec(&tpb::ExecRequest {
+            container_id: "c".into(),
+            exec_id: "e0".into(),
+            args: vec!["true".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(exec_while_paused.code, Code::FailedPrecondition);
+    task.resume(&tpb::ResumeRequest {
+        container_id: "c".into(),
+    })
+    .await?;
+    assert_eq!(node.state("c").await?.status, "running");
+    assert_eq!(freezer_state(pid), "THAWED");
+
+    // exec: own output, env and working directory, own exit status.
+    let started = task
+        .exec(&tpb::ExecRequest {
+            container_id: "c".into(),
+            exec_id: "e1".into(),
+            args: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo $GREETING from $(pwd); exit 3".into(),
+            ],
+            env: vec!["GREETING=hello".into()],
+            working_dir: "/tmp".into(),
+            ..Default::default()
+        })
+        .await?;
+    assert!(started.pid > 0);
+    let (output, status) = exec_output(&node, "c", "e1").await?;
+    assert_eq!(String::from_utf8_lossy(&output), "hello from /tmp\n");
+    assert_eq!(status, 3);
+    let user = task
+        .exec(&tpb::ExecRequest {
+            container_id: "c".into(),
+            exec_id: "e2".into(),
+            args: vec!["id".into(), "-u".into()],
+            user: "nobody".into(),
+            ..Default::default()
+        })
+        .await?;
+    assert!(user.pid > 0);
+    let (output, status) = exec_output(&node, "c", "e2").await?;
+    assert_eq!(
+        (String::from_utf8_lossy(&output).trim(), status),
+        ("65534", 0)
+    );
+    let duplicate = task
+        .exec(&tpb::ExecRequest {
+            container_id: "c".into(),
+            exec_id: "e2".into(),
+            args: vec!["true".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(duplicate.code, Code::AlreadyExists);
+    let deleted = task
+        .delete(&tpb::DeleteRequest {
+            container_id: "c".into(),
+            exec_id: "e1".into(),
+        })
+        .await?;
+    assert_eq!(deleted.exit_status, 3);
+    let state = node.state("c").await?;
+    assert_eq!(state.execs.len(), 1, "{state:?}");
+
+    // ps sees the init and a running exec.
+    task.exec(&tpb::ExecRequest {
+        container_id: "c".into(),
+        exec_id: "e3".into(),
+        args: vec!["sleep".into(), "30".into()],
+        ..Default::default()
+    })
+    .await?;
+    let ps = task
+        .ps(&tpb::PsRequest {
+            container_id: "c".into(),
+        })
+        .await?;
+    let commands: Vec<_> = ps.processes.iter().map(|p| p.command.as_str()).collect();
+    assert!(commands.contains(&"sleep 600"), "{commands:?}");
+    assert!(commands.contains(&"sleep 30"), "{commands:?}");
+    assert!(ps.processes.iter().any(|p| p.pid == pid));
+
+    let metrics = task
+        .metrics(&tpb::MetricsRequest {
+            container_id: "c".into(),
+        })
+        .await?;
+    assert_eq!(metrics.memory_limit_bytes, 64 << 20);
+    assert!(metrics.memory_usage_bytes > 0);
+    assert_eq!(metrics.pids_limit, 50);
+    assert!(metrics.pids_current >= 2, "{metrics:?}");
+    assert_eq!(metrics.oom_kills, 0);
+
+    // update raises the process limit of the live task.
+    task.update(&tpb::UpdateRequest {
+        container_id: "c".into(),
+        pids_limit: 80,
+        ..Default::default()
+    })
+    .await?;
+    let metrics = task
+        .metrics(&tpb::MetricsRequest {
+            container_id: "c".into(),
+        })
+        .await?;
+    assert_eq!(metrics.pids_limit, 80);
+
+    let topics: Vec<String> = node
+        .task_events("c")
+        .await?
+        .into_iter()
+        .map(|(topic, _)| topic)
+        .collect();
+    for topic in [
+        "tasks.paused",
+        "tasks.resumed",
+        "tasks.exec-started",
+        "tasks.exec-exited",
+    ] {
+        assert!(
+            topics.iter().any(|t| t == topic),
+            "no {topic} in {topics:?}"
+        );
+    }
+
+    let stopped = task
+        .stop(&tpb::StopRequest {
+            container_id: "c".into(),
+            timeout_seconds: 5,
+        })
+        .await?;
+    // busybox sleep as PID 1 has no SIGTERM handler, so only SIGKILL ends it.
+    assert_eq!((stopped.exit_status, stopped.killed), (137, true));
+    node.delete("c").await?;
+    Ok(())
+}
+
+/// A memory limit the process exceeds: exit 137, the record and the event
+/// say OOM, and `tasks.oom` is published with the exit.
+#[tokio::test(flavor = "multi_thread")]
+async fn oom_is_reported_under_16_and_32_mib() -> Result<()> {
+    let node = Node::start("oom").await?;
+    let image = node.import_busybox().await?;
+    for mib in [16i64, 32] {
+        let id = format!("oom{mib}");
+        let options = mpb::RunOptions {
+            // dd holds one 64 MiB block in memory, over either limit.
+            args: vec![
+                "dd".into(),
+                "if=/dev/zero".into(),
+                "of=/dev/null".into(),
+                "bs=64M".into(),
+                "count=1".into(),
+            ],
+            memory_bytes: mib << 20,
+            ..Default::default()
+        };
+        node.container_with(&id, &image, options).await?;
+        node.run(&id).await?;
+        let state = node.wait_stopped(&id).await?;
+        assert_eq!(state.exit_status, 137, "{state:?}");
+        assert!(state.oom_killed, "{state:?}");
+        let applied = node.wait_applied(&id).await?;
+        assert!(applied.oom_killed);
+        let topics: Vec<_> = node.task_events(&id).await?;
+        assert!(
+            topics.contains(&("tasks.oom".to_string(), 137)),
+            "{topics:?}"
+        );
+        node.delete(&id).await?;
+    }
+    Ok(())
+}
