@@ -220,6 +220,8 @@ pub async fn run(
         .op("ps", h::ps)
         .op("metrics", h::metrics)
         .op("update", h::update)
+        .op("stdin", h::stdin)
+        .op("resize", h::resize)
         .serve(nats)
         .await?;
     shutdown.cancelled().await;

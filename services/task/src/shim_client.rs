@@ -130,12 +130,22 @@ pub async fn spawn_shim(
     runc: Option<&Path>,
 ) -> Result<ShimClient, ShimClientError> {
     let socket = state_dir.join(SOCKET_FILE);
-    spawn_shim_at(shim_bin, container_id, bundle, state_dir, &socket, runc).await
+    spawn_shim_at(
+        shim_bin,
+        container_id,
+        bundle,
+        state_dir,
+        &socket,
+        runc,
+        false,
+    )
+    .await
 }
 
 /// As [`spawn_shim`], with the socket at `socket` instead of the state
-/// directory: a unix socket path holds at most 107 bytes, and a state
-/// directory named after a long container id can be longer.
+/// directory (a unix socket path holds at most 107 bytes, and a state
+/// directory named after a long container id can be longer), and with the
+/// init's stdin kept open for [`ShimClient::stdin`] when `stdin`.
 pub async fn spawn_shim_at(
     shim_bin: &Path,
     container_id: &str,
@@ -143,6 +153,7 @@ pub async fn spawn_shim_at(
     state_dir: &Path,
     socket: &Path,
     runc: Option<&Path>,
+    stdin: bool,
 ) -> Result<ShimClient, ShimClientError> {
     let mut cmd = Command::new(shim_bin);
     cmd.arg("--id")
@@ -159,6 +170,9 @@ pub async fn spawn_shim_at(
         .kill_on_drop(true);
     if let Some(runc) = runc {
         cmd.arg("--runc").arg(runc);
+    }
+    if stdin {
+        cmd.arg("--stdin");
     }
     let spawn_err = |source| ShimClientError::Spawn {
         path: shim_bin.to_path_buf(),
@@ -359,6 +373,21 @@ impl ShimClient {
             exec_id: exec_id.to_string(),
         };
         self.done("delete_exec", &request).await
+    }
+
+    /// Writes to the init's stdin, or its terminal.
+    pub async fn stdin(&self, data: Vec<u8>) -> Result<(), ShimClientError> {
+        self.done("stdin", &Request::Stdin { data }).await
+    }
+
+    /// Ends the init's input (EOF).
+    pub async fn close_stdin(&self) -> Result<(), ShimClientError> {
+        self.done("close_stdin", &Request::CloseStdin).await
+    }
+
+    /// Sets the size of the init's terminal.
+    pub async fn resize(&self, cols: u16, rows: u16) -> Result<(), ShimClientError> {
+        self.done("resize", &Request::Resize { cols, rows }).await
     }
 
     async fn done(&self, op: &'static str, request: &Request) -> Result<(), ShimClientError> {

@@ -281,3 +281,105 @@ async fn oom_is_reported_under_16_and_32_mib() -> Result<()> {
     }
     Ok(())
 }
+
+async fn stdout_of(node: &Node, container_id: &str) -> Result<String> {
+    let logs = node
+        .task()
+        .logs(&tpb::LogsRequest {
+            container_id: container_id.into(),
+            stream: tpb::Stream::Stdout as i32,
+            ..Default::default()
+        })
+        .await?;
+    Ok(String::from_utf8_lossy(&logs.data).into_owned())
+}
+
+/// An open stdin reaches the process in order and its end is EOF; a task
+/// without one refuses input.
+#[tokio::test(flavor = "multi_thread")]
+async fn stdin_is_piped_to_the_process() -> Result<()> {
+    let node = Node::start("stdin").await?;
+    let image = node.import_busybox().await?;
+    let options = mpb::RunOptions {
+        args: vec!["sh".into(), "-c".into(), "cat; echo done".into()],
+        stdin: true,
+        ..Default::default()
+    };
+    node.container_with("cat", &image, options).await?;
+    node.run("cat").await?;
+    let task = node.task();
+    for chunk in ["hello ", "from ", "stdin\n"] {
+        task.stdin(&tpb::StdinRequest {
+            container_id: "cat".into(),
+            data: chunk.as_bytes().to_vec().into(),
+            close: false,
+        })
+        .await?;
+    }
+    task.stdin(&tpb::StdinRequest {
+        container_id: "cat".into(),
+        data: Default::default(),
+        close: true,
+    })
+    .await?;
+    assert_eq!(node.wait_stopped("cat").await?.exit_status, 0);
+    assert_eq!(stdout_of(&node, "cat").await?, "hello from stdin\ndone\n");
+
+    node.container("closed", &image, &["sleep", "5"]).await?;
+    node.run("closed").await?;
+    let refused = task
+        .stdin(&tpb::StdinRequest {
+            container_id: "closed".into(),
+            data: b"x".to_vec().into(),
+            close: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, Code::FailedPrecondition, "{refused}");
+    Ok(())
+}
+
+/// A terminal: the process sees a tty of the size set before start, reads
+/// what is typed, and its output (echo included) is the one stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn tty_gets_size_input_and_output() -> Result<()> {
+    let node = Node::start("tty").await?;
+    let image = node.import_busybox().await?;
+    let options = mpb::RunOptions {
+        args: vec![
+            "sh".into(),
+            "-c".into(),
+            "tty; stty size; read line; echo got $line".into(),
+        ],
+        tty: true,
+        ..Default::default()
+    };
+    node.container_with("t", &image, options).await?;
+    let task = node.task();
+    task.create(&tpb::CreateRequest {
+        container_id: "t".into(),
+    })
+    .await?;
+    task.resize(&tpb::ResizeRequest {
+        container_id: "t".into(),
+        width: 100,
+        height: 40,
+    })
+    .await?;
+    task.start(&tpb::StartRequest {
+        container_id: "t".into(),
+    })
+    .await?;
+    task.stdin(&tpb::StdinRequest {
+        container_id: "t".into(),
+        data: b"typed\n".to_vec().into(),
+        close: false,
+    })
+    .await?;
+    assert_eq!(node.wait_stopped("t").await?.exit_status, 0);
+    let output = stdout_of(&node, "t").await?;
+    assert!(output.contains("/dev/pts/"), "{output:?}");
+    assert!(output.contains("40 100"), "{output:?}");
+    assert!(output.contains("got typed"), "{output:?}");
+    Ok(())
+}

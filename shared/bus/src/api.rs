@@ -228,6 +228,10 @@ impl Task {
         metrics, "metrics", task::MetricsRequest, task::MetricsReply);
     mut_op!(/// `update`.
         update, "update", task::UpdateRequest, task::UpdateReply);
+    mut_op!(/// `stdin`.
+        stdin, "stdin", task::StdinRequest, task::StdinReply);
+    read_op!(/// `resize`.
+        resize, "resize", task::ResizeRequest, task::ResizeReply);
 }
 
 /// The gc service.

@@ -1,4 +1,5 @@
-//! `kill`, `stop`, `pause`, `resume` and `update`: acting on a running task.
+//! `kill`, `stop`, `pause`, `resume`, `update`, `stdin` and `resize`:
+//! acting on a running task.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -256,4 +257,58 @@ pub(crate) async fn update(
         .await
         .map_err(shim_error(container_id))?;
     Ok(pb::UpdateReply {})
+}
+
+/// `stdin`: bytes for the init's stdin or terminal, in order; `close` ends
+/// the input. `FailedPrecondition` when the task was made without stdin.
+///
+/// # Limitations
+/// Not recorded by request id: a retry after a timeout may write the bytes
+/// twice.
+pub(crate) async fn stdin(
+    svc: Arc<TaskService>,
+    call: Call,
+    req: pb::StdinRequest,
+) -> berth_bus::Result<pb::StdinReply> {
+    let container_id = req.container_id.as_str();
+    let record = svc.record(call.namespace(), container_id)?;
+    let shim = svc.shim_client(&record);
+    let refused = |err: ShimClientError| -> berth_bus::Error {
+        match err {
+            ShimClientError::Shim { message, .. } if message.contains("no open stdin") => {
+                berth_bus::Error::precondition(format!(
+                    "container {container_id} was created without stdin"
+                ))
+            }
+            source => TaskError::Shim {
+                container_id: container_id.to_string(),
+                source,
+            }
+            .into(),
+        }
+    };
+    if !req.data.is_empty() {
+        shim.stdin(req.data.to_vec()).await.map_err(refused)?;
+    }
+    if req.close {
+        shim.close_stdin().await.map_err(refused)?;
+    }
+    Ok(pb::StdinReply {})
+}
+
+/// `resize`: the init's terminal size; a no-op without a terminal.
+pub(crate) async fn resize(
+    svc: Arc<TaskService>,
+    call: Call,
+    req: pb::ResizeRequest,
+) -> berth_bus::Result<pb::ResizeReply> {
+    let container_id = req.container_id.as_str();
+    let record = svc.record(call.namespace(), container_id)?;
+    let cols = u16::try_from(req.width).unwrap_or(u16::MAX);
+    let rows = u16::try_from(req.height).unwrap_or(u16::MAX);
+    svc.shim_client(&record)
+        .resize(cols, rows)
+        .await
+        .map_err(shim_error(container_id))?;
+    Ok(pb::ResizeReply {})
 }

@@ -162,6 +162,7 @@ async fn make_task(
         &state,
         &socket,
         svc.runc.as_deref(),
+        options.stdin || options.tty,
     )
     .await
     .map_err(|err| match err {

@@ -1,7 +1,7 @@
 //! One function per op of `berth.v1.<namespace>.task.<node>.<op>`, one
 //! file per group: [`lifecycle`] (create, start, delete), [`control`]
-//! (kill, stop, pause, resume, update), [`exec`] and [`inspect`] (state,
-//! list, logs, ps, metrics).
+//! (kill, stop, pause, resume, update, stdin, resize), [`exec`] and
+//! [`inspect`] (state, list, logs, ps, metrics).
 //!
 //! Every op that changes a task takes that task's lock first, so a retry of
 //! a request (same request id) sees the outcome of the first one, and a
@@ -26,7 +26,7 @@ use crate::shim_client::{ShimClient, ShimClientError};
 use crate::store::{Status, TaskRecord};
 use crate::TaskService;
 
-pub(crate) use control::{kill, pause, resume, stop, update};
+pub(crate) use control::{kill, pause, resize, resume, stdin, stop, update};
 pub(crate) use exec::{exec, watch_exec};
 pub(crate) use inspect::{list, logs, metrics, ps, state};
 pub(crate) use lifecycle::{create, delete, start};

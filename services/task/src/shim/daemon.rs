@@ -20,6 +20,7 @@ use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use super::console::{self, Drained, Input};
 use super::protocol::{
     check_exec_id, write_atomic, ExitRecord, Reply, Request, TaskState, TaskStatus, EXEC_DIR,
     EXIT_FILE, INIT_PID_FILE, MAX_LINE, RUNC_LOG_FILE, RUNC_ROOT_DIR, SHIM_PID_FILE, STDERR_FILE,
@@ -39,6 +40,9 @@ pub struct ShimConfig {
     pub runc: PathBuf,
     /// The socket path; defaults to `<state>/shim.sock`.
     pub socket: PathBuf,
+    /// Keep the init's stdin open for the client (`--stdin`); with a
+    /// terminal in the spec, input always goes to the terminal.
+    pub stdin: bool,
 }
 
 /// Exits of pids nobody waits for yet, kept in case one is the init that
@@ -82,6 +86,10 @@ pub(crate) struct Shim {
     changed: Condvar,
     /// Serializes runc commands, so each failure reads its own log lines.
     runc_lock: Mutex<()>,
+    /// The init's stdin or terminal, when the client may write to it.
+    input: Mutex<Option<Input>>,
+    /// Set once a terminal's output is all in `stdout.log`.
+    drained: Mutex<Option<Arc<Drained>>>,
 }
 
 impl Shim {
@@ -91,6 +99,8 @@ impl Shim {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             runc_lock: Mutex::new(()),
+            input: Mutex::new(None),
+            drained: Mutex::new(None),
         })
     }
 
@@ -159,7 +169,17 @@ impl Shim {
     }
 
     /// Makes the init's exit durable in `exit.json`, then tells waiters.
+    /// A terminal's last output is copied first (for at most a second), so
+    /// a client that reads the output after the exit misses nothing.
     fn record_exit(&self, record: ExitRecord) {
+        let drained = self
+            .drained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(drained) = drained {
+            drained.wait(Duration::from_secs(1));
+        }
         if let Err(err) = self.write_exit(&record) {
             // Waiters still get the status; only recovery after a shim crash
             // loses it.
@@ -199,6 +219,18 @@ impl Shim {
     /// Runs runc with the shim's global flags and waits for it through the
     /// reaper. On failure returns runc's own error message.
     fn runc(&self, args: &[&std::ffi::OsStr], stdout: Stdio, stderr: Stdio) -> Result<(), String> {
+        self.runc_with(args, Stdio::null(), stdout, stderr)
+    }
+
+    /// As [`Shim::runc`], with `stdin` for runc (and, at create without a
+    /// terminal, for the container's init).
+    fn runc_with(
+        &self,
+        args: &[&std::ffi::OsStr],
+        stdin: Stdio,
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Result<(), String> {
         let _serial = self.runc_lock.lock().unwrap_or_else(|e| e.into_inner());
         let log = self.cfg.state_dir.join(RUNC_LOG_FILE);
         let offset = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
@@ -210,7 +242,7 @@ impl Shim {
             .arg("--log-format")
             .arg("json")
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(stdout)
             .stderr(stderr);
         let op = args
@@ -260,18 +292,54 @@ impl Shim {
         };
         let (stdout, stderr) = (open(STDOUT_FILE)?, open(STDERR_FILE)?);
         let pid_file = self.cfg.state_dir.join(INIT_PID_FILE);
-        self.runc(
-            &[
-                "create".as_ref(),
-                "--bundle".as_ref(),
-                self.cfg.bundle.as_os_str(),
-                "--pid-file".as_ref(),
-                pid_file.as_os_str(),
-                self.cfg.container_id.as_ref(),
-            ],
-            stdout.into(),
-            stderr.into(),
-        )?;
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "create".as_ref(),
+            "--bundle".as_ref(),
+            self.cfg.bundle.as_os_str(),
+            "--pid-file".as_ref(),
+            pid_file.as_os_str(),
+        ];
+
+        // A terminal comes back from runc on the console socket; an open
+        // stdin without one is a pipe the init inherits.
+        let console_path = self.console_socket();
+        if self.wants_terminal() {
+            let _ = fs::remove_file(&console_path);
+            let listener = UnixListener::bind(&console_path)
+                .map_err(|e| format!("failed to bind console socket {console_path:?}: {e}"))?;
+            let receiver = thread::Builder::new()
+                .stack_size(CONNECTION_STACK)
+                .spawn(move || console::receive_master(&listener))
+                .map_err(|e| format!("failed to start the console thread: {e}"))?;
+            args.extend(["--console-socket".as_ref(), console_path.as_os_str()]);
+            args.push(self.cfg.container_id.as_ref());
+            let created = self.runc(&args, stdout.into(), stderr.into());
+            if let Err(message) = created {
+                // Unblock the receiver, which waits for a runc that is gone.
+                let _ = UnixStream::connect(&console_path);
+                let _ = fs::remove_file(&console_path);
+                return Err(message);
+            }
+            let master = receiver
+                .join()
+                .map_err(|_| "the console thread panicked".to_string())?
+                .map_err(|e| format!("failed to receive the terminal: {e}"))?;
+            let _ = fs::remove_file(&console_path);
+            let (input, drained) =
+                console::start_copier(master, &self.cfg.state_dir.join(STDOUT_FILE))
+                    .map_err(|e| format!("failed to copy the terminal's output: {e}"))?;
+            *self.input.lock().unwrap_or_else(|e| e.into_inner()) = Some(input);
+            *self.drained.lock().unwrap_or_else(|e| e.into_inner()) = Some(drained);
+        } else if self.cfg.stdin {
+            let (read, input) =
+                console::stdin_pipe().map_err(|e| format!("failed to make the stdin pipe: {e}"))?;
+            args.push(self.cfg.container_id.as_ref());
+            self.runc_with(&args, Stdio::from(read), stdout.into(), stderr.into())?;
+            *self.input.lock().unwrap_or_else(|e| e.into_inner()) = Some(input);
+        } else {
+            args.push(self.cfg.container_id.as_ref());
+            self.runc(&args, stdout.into(), stderr.into())?;
+        }
 
         let text =
             fs::read_to_string(&pid_file).map_err(|e| format!("failed to read init pid: {e}"))?;
@@ -292,6 +360,58 @@ impl Shim {
             self.record_exit(record);
         }
         Ok(pid as u32)
+    }
+
+    /// Whether the bundle's process asks for a terminal.
+    fn wants_terminal(&self) -> bool {
+        fs::read(self.cfg.bundle.join("config.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .is_some_and(|spec| spec["process"]["terminal"] == true)
+    }
+
+    /// The console socket, beside the shim's own (kept short: a unix socket
+    /// path holds at most 107 bytes).
+    fn console_socket(&self) -> PathBuf {
+        let mut path = self.cfg.socket.clone().into_os_string();
+        path.push(".console");
+        PathBuf::from(path)
+    }
+
+    fn write_stdin(&self, data: &[u8]) -> Reply {
+        let mut input = self.input.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(input) = input.as_mut() else {
+            let id = &self.cfg.container_id;
+            return error_reply(&format!("container {id:?} has no open stdin"));
+        };
+        match input.write(data) {
+            Ok(()) => Reply::Done,
+            Err(err) => error_reply(&format!("failed to write stdin: {err}")),
+        }
+    }
+
+    fn close_stdin(&self) -> Reply {
+        let mut input = self.input.lock().unwrap_or_else(|e| e.into_inner());
+        match input.as_ref() {
+            // A terminal has no end of input but the EOF character.
+            Some(Input::Terminal(_)) => {
+                drop(input);
+                self.write_stdin(&[4])
+            }
+            Some(Input::Pipe(_)) => {
+                *input = None;
+                Reply::Done
+            }
+            None => Reply::Done,
+        }
+    }
+
+    fn resize(&self, cols: u16, rows: u16) -> Reply {
+        let input = self.input.lock().unwrap_or_else(|e| e.into_inner());
+        match input.as_ref().map(|input| input.resize(cols, rows)) {
+            Some(Err(err)) => error_reply(&format!("failed to resize the terminal: {err}")),
+            _ => Reply::Done,
+        }
     }
 
     /// Accepts connections forever, one small thread each.
@@ -376,6 +496,9 @@ impl Shim {
             },
             Request::WaitExec { exec_id } => self.wait_exec(&exec_id),
             Request::DeleteExec { exec_id } => self.delete_exec(&exec_id),
+            Request::Stdin { data } => self.write_stdin(&data),
+            Request::CloseStdin => self.close_stdin(),
+            Request::Resize { cols, rows } => self.resize(cols, rows),
         };
         (reply, false)
     }

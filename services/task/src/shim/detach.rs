@@ -27,7 +27,7 @@ use super::protocol::{
 const MAX_SOCKET_PATH: usize = 107;
 
 const USAGE: &str =
-    "usage: berth-shim --id ID --bundle DIR --state DIR [--runc PATH] [--socket PATH]";
+    "usage: berth-shim --id ID --bundle DIR --state DIR [--runc PATH] [--socket PATH] [--stdin]";
 
 /// Errors of starting the shim.
 #[derive(Debug, Error)]
@@ -89,13 +89,18 @@ fn path_err(path: &Path) -> impl FnOnce(io::Error) -> ShimError + '_ {
     }
 }
 
-/// Parses `--id ID --bundle DIR --state DIR [--runc PATH] [--socket PATH]`.
+/// Parses `--id ID --bundle DIR --state DIR [--runc PATH] [--socket PATH] [--stdin]`.
 pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<ShimConfig, ShimError> {
     let usage = |message: String| ShimError::Usage { message };
     let (mut id, mut bundle, mut state, mut runc, mut socket) = (None, None, None, None, None);
+    let mut stdin = false;
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
         let slot = match flag.to_str() {
+            Some("--stdin") => {
+                stdin = true;
+                continue;
+            }
             Some("--id") => &mut id,
             Some("--bundle") => &mut bundle,
             Some("--state") => &mut state,
@@ -128,6 +133,7 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<ShimConfig
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("runc")),
         socket,
+        stdin,
     })
 }
 

@@ -8,6 +8,7 @@
 //! that record until metadata acknowledges it, so a restart of the task
 //! service loses no exit.
 
+mod console;
 mod daemon;
 mod detach;
 pub mod protocol;

@@ -121,6 +121,21 @@ pub enum Request {
         /// The exec process.
         exec_id: String,
     },
+    /// Writes to the init's stdin (its terminal, with one); replies
+    /// [`Reply::Done`]. Refused when the task has no open stdin.
+    Stdin {
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Closes the init's stdin (end of input); replies [`Reply::Done`].
+    CloseStdin,
+    /// Sets the terminal's size; replies [`Reply::Done`].
+    Resize {
+        /// Columns.
+        cols: u16,
+        /// Rows.
+        rows: u16,
+    },
 }
 
 /// One reply from the shim.
