@@ -122,6 +122,7 @@ pub async fn rm(ctx: &Ctx, args: RmArgs) -> anyhow::Result<ExitCode> {
                         container_id: container_id.clone(),
                         signal: 9,
                         all: true,
+                        ..Default::default()
                     })
                     .await?;
                 run::wait_exit(ctx, container_id, &mut exits).await?;
@@ -186,6 +187,7 @@ pub async fn kill(ctx: &Ctx, args: KillArgs) -> anyhow::Result<ExitCode> {
             container_id: args.container.clone(),
             signal,
             all: false,
+            ..Default::default()
         })
         .await?;
     Ok(ExitCode::SUCCESS)

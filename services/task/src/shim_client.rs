@@ -274,6 +274,18 @@ impl ShimClient {
         }
     }
 
+    /// Sends `signal` to one exec process.
+    pub async fn kill_exec(&self, exec_id: &str, signal: i32) -> Result<(), ShimClientError> {
+        let request = Request::KillExec {
+            exec_id: exec_id.to_string(),
+            signal,
+        };
+        match self.call("kill_exec", &request, true).await? {
+            Reply::Killed => Ok(()),
+            other => Err(unexpected("kill_exec", other)),
+        }
+    }
+
     /// Waits, without a timeout, until the init exits; returns its exit.
     pub async fn wait(&self) -> Result<ExitRecord, ShimClientError> {
         match self.call("wait", &Request::Wait, false).await? {

@@ -321,10 +321,14 @@ pub fn build_spec(
     let env = process_env(image, opts, &user)?;
 
     let caps = capabilities(opts)?;
+    // Inheritable and ambient stay empty, as docker leaves them: a process
+    // that is not root gains nothing across exec.
     let capabilities = LinuxCapabilitiesBuilder::default()
         .bounding(caps.clone())
         .effective(caps.clone())
         .permitted(caps)
+        .inheritable(Capabilities::new())
+        .ambient(Capabilities::new())
         .build()?;
     let mut oci_user = UserBuilder::default().uid(user.uid).gid(user.gid);
     if !user.additional_gids.is_empty() {
@@ -626,7 +630,15 @@ fn linux_section(
 /// removals (`ALL` on either side), or every capability when privileged.
 fn capabilities(opts: &RunOptions) -> Result<Capabilities, SpecError> {
     use std::collections::HashSet;
-    let all = || -> HashSet<Capability> { all_capabilities().into_iter().collect() };
+    // "Every capability" means every one this service may hand on: runc
+    // cannot grant a capability outside its own bounding set.
+    let bounding = own_bounding_set();
+    let all = || -> HashSet<Capability> {
+        all_capabilities()
+            .into_iter()
+            .filter(|cap| bounding.as_ref().is_none_or(|set| set.contains(cap)))
+            .collect()
+    };
     if opts.privileged {
         return Ok(all());
     }
@@ -661,6 +673,70 @@ pub fn parse_capability(name: &str) -> Result<Capability, SpecError> {
     Capability::from_str(bare).map_err(|_| SpecError::UnknownCapability {
         name: name.to_string(),
     })
+}
+
+/// The capabilities in this process's bounding set (`CapBnd` of
+/// `/proc/self/status`); `None` when it cannot be read.
+fn own_bounding_set() -> Option<Vec<Capability>> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapBnd:"))?;
+    let mask = u64::from_str_radix(hex.trim(), 16).ok()?;
+    Some(
+        all_capabilities()
+            .into_iter()
+            .filter(|cap| mask & (1 << capability_number(*cap)) != 0)
+            .collect(),
+    )
+}
+
+/// A capability's number in the kernel's masks.
+fn capability_number(cap: Capability) -> u32 {
+    use Capability::*;
+    match cap {
+        Chown => 0,
+        DacOverride => 1,
+        DacReadSearch => 2,
+        Fowner => 3,
+        Fsetid => 4,
+        Kill => 5,
+        Setgid => 6,
+        Setuid => 7,
+        Setpcap => 8,
+        LinuxImmutable => 9,
+        NetBindService => 10,
+        NetBroadcast => 11,
+        NetAdmin => 12,
+        NetRaw => 13,
+        IpcLock => 14,
+        IpcOwner => 15,
+        SysModule => 16,
+        SysRawio => 17,
+        SysChroot => 18,
+        SysPtrace => 19,
+        SysPacct => 20,
+        SysAdmin => 21,
+        SysBoot => 22,
+        SysNice => 23,
+        SysResource => 24,
+        SysTime => 25,
+        SysTtyConfig => 26,
+        Mknod => 27,
+        Lease => 28,
+        AuditWrite => 29,
+        AuditControl => 30,
+        Setfcap => 31,
+        MacOverride => 32,
+        MacAdmin => 33,
+        Syslog => 34,
+        WakeAlarm => 35,
+        BlockSuspend => 36,
+        AuditRead => 37,
+        Perfmon => 38,
+        Bpf => 39,
+        CheckpointRestore => 40,
+    }
 }
 
 /// Every capability this kernel interface knows.

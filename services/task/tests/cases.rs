@@ -43,6 +43,7 @@ async fn c17_signals_and_exit_statuses() -> Result<()> {
         container_id: "no-handler".into(),
         signal: libc::SIGTERM as u32,
         all: false,
+        ..Default::default()
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;

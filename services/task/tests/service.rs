@@ -182,6 +182,7 @@ async fn sigkill_of_the_task_service_loses_no_exit() -> Result<()> {
                 container_id: id.clone(),
                 signal: 9,
                 all: false,
+                ..Default::default()
             })
             .await?;
         assert_eq!(node.wait_stopped(id).await?.exit_status, 137);

@@ -30,6 +30,14 @@ pub(crate) async fn kill(
 ) -> berth_bus::Result<pb::KillReply> {
     call.record("container_id", &req.container_id);
     let signal = i32::try_from(req.signal).unwrap_or(i32::MAX);
+    if !req.exec_id.is_empty() {
+        let record = svc.record(call.namespace(), &req.container_id)?;
+        svc.shim_client(&record)
+            .kill_exec(&req.exec_id, signal)
+            .await
+            .map_err(shim_error(&req.container_id))?;
+        return Ok(pb::KillReply {});
+    }
     signal_task(&svc, call.namespace(), &req.container_id, signal, req.all).await?;
     Ok(pb::KillReply {})
 }

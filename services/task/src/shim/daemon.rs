@@ -479,6 +479,7 @@ impl Shim {
                     Err(message) => Reply::Error { message },
                 }
             }
+            Request::KillExec { exec_id, signal } => self.kill_exec(&exec_id, signal),
             Request::Wait => Reply::Exited(self.wait(None).unwrap_or_default()),
             Request::Delete => return self.delete(),
             Request::AckExit => self.ack_exit(),
@@ -643,6 +644,24 @@ impl Shim {
             }
         }
         Ok(pid as u32)
+    }
+
+    fn kill_exec(&self, exec_id: &str, signal: i32) -> Reply {
+        // Under the lock the pid is one the reaper has not collected, so
+        // it is still this exec's.
+        let st = self.lock();
+        let Some(entry) = st.execs.get(exec_id) else {
+            return error_reply(&format!("no exec process {exec_id:?}"));
+        };
+        if entry.exit.is_some() || entry.pid <= 0 {
+            return error_reply(&format!("exec process {exec_id:?} is not running"));
+        }
+        // SAFETY: kill takes any pid and signal number.
+        if unsafe { libc::kill(entry.pid, signal) } < 0 {
+            let err = std::io::Error::last_os_error();
+            return error_reply(&format!("failed to signal exec process {exec_id:?}: {err}"));
+        }
+        Reply::Killed
     }
 
     fn wait_exec(&self, exec_id: &str) -> Reply {

@@ -79,6 +79,14 @@ pub enum Request {
         #[serde(default)]
         all: bool,
     },
+    /// Sends `signal` to one exec process (its pid, which the shim
+    /// reaps, so it cannot have been reused); replies [`Reply::Killed`].
+    KillExec {
+        /// The exec process.
+        exec_id: String,
+        /// Signal number.
+        signal: i32,
+    },
     /// Blocks until the init exits; replies [`Reply::Exited`].
     Wait,
     /// `runc delete --force`; replies [`Reply::Deleted`], then the shim exits.

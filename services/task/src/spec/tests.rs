@@ -682,11 +682,32 @@ fn capabilities_are_added_dropped_and_privileged_takes_all() {
         ..RunOptions::default()
     });
     assert_eq!(only_kill, [Capability::Kill]);
+    let spec = spec_for("cmd-only", &RunOptions::default()).unwrap();
+    let process_caps = spec
+        .process()
+        .clone()
+        .unwrap()
+        .capabilities()
+        .clone()
+        .unwrap();
+    assert!(process_caps
+        .inheritable()
+        .clone()
+        .unwrap_or_default()
+        .is_empty());
+    assert!(process_caps
+        .ambient()
+        .clone()
+        .unwrap_or_default()
+        .is_empty());
     let privileged = caps(&RunOptions {
         privileged: true,
         ..RunOptions::default()
     });
+    // Privileged gets what this process may hand on, which for a root test
+    // process includes CAP_SYS_ADMIN.
     assert!(privileged.contains(&Capability::SysAdmin));
+    assert!(privileged.len() > defaults.len());
     let unknown = spec_for(
         "cmd-only",
         &RunOptions {
