@@ -343,10 +343,12 @@ impl ShimClient {
         &self,
         exec_id: &str,
         process: serde_json::Value,
+        stdin: bool,
     ) -> Result<u32, ShimClientError> {
         let request = Request::Exec {
             exec_id: exec_id.to_string(),
             process,
+            stdin,
         };
         match self.call("exec", &request, true).await? {
             Reply::Started { pid } => Ok(pid),
@@ -387,19 +389,33 @@ impl ShimClient {
         self.done("delete_exec", &request).await
     }
 
-    /// Writes to the init's stdin, or its terminal.
-    pub async fn stdin(&self, data: Vec<u8>) -> Result<(), ShimClientError> {
-        self.done("stdin", &Request::Stdin { data }).await
+    /// Writes to the stdin (or terminal) of the init, or of an exec process.
+    pub async fn stdin(&self, exec_id: Option<&str>, data: Vec<u8>) -> Result<(), ShimClientError> {
+        let exec_id = exec_id.map(str::to_string);
+        self.done("stdin", &Request::Stdin { data, exec_id }).await
     }
 
-    /// Ends the init's input (EOF).
-    pub async fn close_stdin(&self) -> Result<(), ShimClientError> {
-        self.done("close_stdin", &Request::CloseStdin).await
+    /// Ends the input (EOF) of the init, or of an exec process.
+    pub async fn close_stdin(&self, exec_id: Option<&str>) -> Result<(), ShimClientError> {
+        let exec_id = exec_id.map(str::to_string);
+        self.done("close_stdin", &Request::CloseStdin { exec_id })
+            .await
     }
 
-    /// Sets the size of the init's terminal.
-    pub async fn resize(&self, cols: u16, rows: u16) -> Result<(), ShimClientError> {
-        self.done("resize", &Request::Resize { cols, rows }).await
+    /// Sets the size of the init's terminal, or an exec process's.
+    pub async fn resize(
+        &self,
+        exec_id: Option<&str>,
+        cols: u16,
+        rows: u16,
+    ) -> Result<(), ShimClientError> {
+        let exec_id = exec_id.map(str::to_string);
+        let request = Request::Resize {
+            cols,
+            rows,
+            exec_id,
+        };
+        self.done("resize", &request).await
     }
 
     async fn done(&self, op: &'static str, request: &Request) -> Result<(), ShimClientError> {

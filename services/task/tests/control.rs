@@ -325,6 +325,7 @@ async fn stdin_is_piped_to_the_process() -> Result<()> {
             container_id: "cat".into(),
             data: chunk.as_bytes().to_vec().into(),
             close: false,
+            ..Default::default()
         })
         .await?;
     }
@@ -332,6 +333,7 @@ async fn stdin_is_piped_to_the_process() -> Result<()> {
         container_id: "cat".into(),
         data: Default::default(),
         close: true,
+        ..Default::default()
     })
     .await?;
     assert_eq!(node.wait_stopped("cat").await?.exit_status, 0);
@@ -344,6 +346,7 @@ async fn stdin_is_piped_to_the_process() -> Result<()> {
             container_id: "closed".into(),
             data: b"x".to_vec().into(),
             close: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -376,6 +379,7 @@ async fn tty_gets_size_input_and_output() -> Result<()> {
         container_id: "t".into(),
         width: 100,
         height: 40,
+        ..Default::default()
     })
     .await?;
     task.start(&tpb::StartRequest {
@@ -386,6 +390,7 @@ async fn tty_gets_size_input_and_output() -> Result<()> {
         container_id: "t".into(),
         data: b"typed\n".to_vec().into(),
         close: false,
+        ..Default::default()
     })
     .await?;
     assert_eq!(node.wait_stopped("t").await?.exit_status, 0);
@@ -393,5 +398,64 @@ async fn tty_gets_size_input_and_output() -> Result<()> {
     assert!(output.contains("/dev/pts/"), "{output:?}");
     assert!(output.contains("40 100"), "{output:?}");
     assert!(output.contains("got typed"), "{output:?}");
+    Ok(())
+}
+
+/// An exec process with an open stdin, and one with a terminal.
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_gets_stdin_and_a_terminal() -> Result<()> {
+    let node = Node::start("execio").await?;
+    let image = node.import_busybox().await?;
+    node.container("x", &image, &["sleep", "600"]).await?;
+    node.run("x").await?;
+    let task = node.task();
+
+    task.exec(&tpb::ExecRequest {
+        container_id: "x".into(),
+        exec_id: "cat".into(),
+        args: vec!["cat".into()],
+        stdin: true,
+        ..Default::default()
+    })
+    .await?;
+    task.stdin(&tpb::StdinRequest {
+        container_id: "x".into(),
+        data: b"piped\n".to_vec().into(),
+        close: true,
+        exec_id: "cat".into(),
+    })
+    .await?;
+    let (output, status) = exec_output(&node, "x", "cat").await?;
+    assert_eq!(
+        (String::from_utf8_lossy(&output).as_ref(), status),
+        ("piped\n", 0)
+    );
+
+    task.exec(&tpb::ExecRequest {
+        container_id: "x".into(),
+        exec_id: "tty".into(),
+        args: vec![
+            "sh".into(),
+            "-c".into(),
+            "tty; read line; echo got $line".into(),
+        ],
+        tty: true,
+        ..Default::default()
+    })
+    .await?;
+    task.stdin(&tpb::StdinRequest {
+        container_id: "x".into(),
+        data: b"word\n".to_vec().into(),
+        close: false,
+        exec_id: "tty".into(),
+    })
+    .await?;
+    let (output, status) = exec_output(&node, "x", "tty").await?;
+    let output = String::from_utf8_lossy(&output);
+    assert_eq!(status, 0);
+    assert!(
+        output.contains("/dev/pts/") && output.contains("got word"),
+        "{output:?}"
+    );
     Ok(())
 }

@@ -166,6 +166,7 @@ impl Client {
             .payload(body)
             .headers(headers)
             .timeout(Some(self.timeout));
+        let started = std::time::Instant::now();
         let reply = self.nats.send_request(subject.to_string(), request);
         let message = match live {
             Some(live) => tokio::select! {
@@ -174,6 +175,8 @@ impl Client {
             },
             None => reply.await.map_err(|err| request_error(subject, err))?,
         };
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        tracing::debug!(%subject, elapsed_us, "reply received");
         if let Some(err) = reply_error(message.headers.as_ref()) {
             return Err(err);
         }

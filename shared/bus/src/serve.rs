@@ -270,10 +270,13 @@ impl<S: Send + Sync + 'static> EndpointCtx<S> {
         );
         crate::trace::set_parent(&span, message.headers.as_ref());
 
+        let started = std::time::Instant::now();
         let outcome = self
             .dispatch(message, span.clone())
             .instrument(span.clone())
             .await;
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        span.in_scope(|| tracing::debug!(elapsed_us, ok = outcome.is_ok(), "request served"));
         let reply = match outcome {
             Ok(body) => Ok(body),
             Err(err) => {

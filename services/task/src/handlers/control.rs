@@ -295,11 +295,14 @@ pub(crate) async fn stdin(
             .into(),
         }
     };
+    let exec_id = (!req.exec_id.is_empty()).then_some(req.exec_id.as_str());
     if !req.data.is_empty() {
-        shim.stdin(req.data.to_vec()).await.map_err(refused)?;
+        shim.stdin(exec_id, req.data.to_vec())
+            .await
+            .map_err(refused)?;
     }
     if req.close {
-        shim.close_stdin().await.map_err(refused)?;
+        shim.close_stdin(exec_id).await.map_err(refused)?;
     }
     Ok(pb::StdinReply {})
 }
@@ -315,7 +318,11 @@ pub(crate) async fn resize(
     let cols = u16::try_from(req.width).unwrap_or(u16::MAX);
     let rows = u16::try_from(req.height).unwrap_or(u16::MAX);
     svc.shim_client(&record)
-        .resize(cols, rows)
+        .resize(
+            (!req.exec_id.is_empty()).then_some(req.exec_id.as_str()),
+            cols,
+            rows,
+        )
         .await
         .map_err(shim_error(container_id))?;
     Ok(pb::ResizeReply {})

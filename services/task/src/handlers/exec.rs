@@ -68,7 +68,7 @@ async fn start_exec(
     })?;
     let pid = svc
         .shim_client(&record)
-        .exec(&req.exec_id, process)
+        .exec(&req.exec_id, process, req.stdin || req.tty)
         .await
         .map_err(shim_error(container_id))?;
 
@@ -103,12 +103,15 @@ fn exec_process(
     let task_spec = oci_spec::runtime::Spec::load(&config).map_err(spec::SpecError::Build)?;
     let mut process = task_spec.process().clone().unwrap_or_default();
     process.set_args(Some(req.args.clone()));
-    process.set_terminal(Some(false));
+    process.set_terminal(Some(req.tty));
     let mut env = process.env().clone().unwrap_or_default();
     for entry in &req.env {
         let name = entry.split('=').next().unwrap_or_default();
         env.retain(|existing| existing.split('=').next() != Some(name));
         env.push(entry.clone());
+    }
+    if req.tty && !env.iter().any(|entry| entry.starts_with("TERM=")) {
+        env.push("TERM=xterm".to_string());
     }
     process.set_env(Some(env));
     if !req.working_dir.is_empty() {

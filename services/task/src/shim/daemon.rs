@@ -90,6 +90,8 @@ pub(crate) struct Shim {
     input: Mutex<Option<Input>>,
     /// Set once a terminal's output is all in `stdout.log`.
     drained: Mutex<Option<Arc<Drained>>>,
+    /// Exec processes' stdin or terminal, and their output copiers.
+    exec_io: Mutex<HashMap<String, (Input, Option<Arc<Drained>>)>>,
 }
 
 impl Shim {
@@ -101,6 +103,7 @@ impl Shim {
             runc_lock: Mutex::new(()),
             input: Mutex::new(None),
             drained: Mutex::new(None),
+            exec_io: Mutex::new(HashMap::new()),
         })
     }
 
@@ -193,6 +196,13 @@ impl Shim {
     /// Makes an exec process's exit durable in its `exit.json`, then tells
     /// waiters.
     fn record_exec_exit(&self, exec_id: &str, record: ExitRecord) {
+        let drained = self
+            .exec_io_lock()
+            .get(exec_id)
+            .and_then(|(_, d)| d.clone());
+        if let Some(drained) = drained {
+            drained.wait(Duration::from_secs(1));
+        }
         let path = self.exec_dir(exec_id).join(EXIT_FILE);
         let written = serde_json::to_vec(&record)
             .map_err(std::io::Error::other)
@@ -292,53 +302,26 @@ impl Shim {
         };
         let (stdout, stderr) = (open(STDOUT_FILE)?, open(STDERR_FILE)?);
         let pid_file = self.cfg.state_dir.join(INIT_PID_FILE);
-        let mut args: Vec<&std::ffi::OsStr> = vec![
-            "create".as_ref(),
-            "--bundle".as_ref(),
-            self.cfg.bundle.as_os_str(),
-            "--pid-file".as_ref(),
-            pid_file.as_os_str(),
+        let args: Vec<std::ffi::OsString> = vec![
+            "create".into(),
+            "--bundle".into(),
+            self.cfg.bundle.clone().into_os_string(),
+            "--pid-file".into(),
+            pid_file.clone().into_os_string(),
         ];
 
         // A terminal comes back from runc on the console socket; an open
         // stdin without one is a pipe the init inherits.
-        let console_path = self.console_socket();
-        if self.wants_terminal() {
-            let _ = fs::remove_file(&console_path);
-            let listener = UnixListener::bind(&console_path)
-                .map_err(|e| format!("failed to bind console socket {console_path:?}: {e}"))?;
-            let receiver = thread::Builder::new()
-                .stack_size(CONNECTION_STACK)
-                .spawn(move || console::receive_master(&listener))
-                .map_err(|e| format!("failed to start the console thread: {e}"))?;
-            args.extend(["--console-socket".as_ref(), console_path.as_os_str()]);
-            args.push(self.cfg.container_id.as_ref());
-            let created = self.runc(&args, stdout.into(), stderr.into());
-            if let Err(message) = created {
-                // Unblock the receiver, which waits for a runc that is gone.
-                let _ = UnixStream::connect(&console_path);
-                let _ = fs::remove_file(&console_path);
-                return Err(message);
-            }
-            let master = receiver
-                .join()
-                .map_err(|_| "the console thread panicked".to_string())?
-                .map_err(|e| format!("failed to receive the terminal: {e}"))?;
-            let _ = fs::remove_file(&console_path);
-            let (input, drained) =
-                console::start_copier(master, &self.cfg.state_dir.join(STDOUT_FILE))
-                    .map_err(|e| format!("failed to copy the terminal's output: {e}"))?;
+        let io = self.run_process(
+            args,
+            self.wants_terminal(),
+            self.cfg.stdin,
+            &self.cfg.state_dir.join(STDOUT_FILE),
+            (stdout, stderr),
+        )?;
+        if let Some((input, drained)) = io {
             *self.input.lock().unwrap_or_else(|e| e.into_inner()) = Some(input);
-            *self.drained.lock().unwrap_or_else(|e| e.into_inner()) = Some(drained);
-        } else if self.cfg.stdin {
-            let (read, input) =
-                console::stdin_pipe().map_err(|e| format!("failed to make the stdin pipe: {e}"))?;
-            args.push(self.cfg.container_id.as_ref());
-            self.runc_with(&args, Stdio::from(read), stdout.into(), stderr.into())?;
-            *self.input.lock().unwrap_or_else(|e| e.into_inner()) = Some(input);
-        } else {
-            args.push(self.cfg.container_id.as_ref());
-            self.runc(&args, stdout.into(), stderr.into())?;
+            *self.drained.lock().unwrap_or_else(|e| e.into_inner()) = drained;
         }
 
         let text =
@@ -378,40 +361,120 @@ impl Shim {
         PathBuf::from(path)
     }
 
-    fn write_stdin(&self, data: &[u8]) -> Reply {
-        let mut input = self.input.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(input) = input.as_mut() else {
-            let id = &self.cfg.container_id;
-            return error_reply(&format!("container {id:?} has no open stdin"));
+    fn exec_io_lock(&self) -> MutexGuard<'_, HashMap<String, (Input, Option<Arc<Drained>>)>> {
+        self.exec_io.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs a runc command that starts a process (`create`, or `exec`;
+    /// `args` less the container id), giving the process a terminal when
+    /// `terminal` or an open stdin when `stdin`. Returns where its input
+    /// goes, if anywhere, and the terminal's output copier.
+    fn run_process(
+        &self,
+        mut args: Vec<std::ffi::OsString>,
+        terminal: bool,
+        stdin: bool,
+        output_log: &std::path::Path,
+        (stdout, stderr): (fs::File, fs::File),
+    ) -> Result<Option<(Input, Option<Arc<Drained>>)>, String> {
+        let run =
+            |args: &[std::ffi::OsString], stdin: Stdio, stdout: fs::File, stderr: fs::File| {
+                let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+                self.runc_with(&args, stdin, stdout.into(), stderr.into())
+            };
+        let id = std::ffi::OsString::from(&self.cfg.container_id);
+        if !terminal {
+            if !stdin {
+                args.push(id);
+                run(&args, Stdio::null(), stdout, stderr)?;
+                return Ok(None);
+            }
+            let (read, input) =
+                console::stdin_pipe().map_err(|e| format!("failed to make the stdin pipe: {e}"))?;
+            args.push(id);
+            run(&args, Stdio::from(read), stdout, stderr)?;
+            return Ok(Some((input, None)));
+        }
+
+        // One console socket at a time: runc commands run one at a time.
+        let console_path = self.console_socket();
+        let _ = fs::remove_file(&console_path);
+        let listener = UnixListener::bind(&console_path)
+            .map_err(|e| format!("failed to bind console socket {console_path:?}: {e}"))?;
+        let receiver = thread::Builder::new()
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || console::receive_master(&listener))
+            .map_err(|e| format!("failed to start the console thread: {e}"))?;
+        args.push("--console-socket".into());
+        args.push(console_path.clone().into_os_string());
+        args.push(id);
+        if let Err(message) = run(&args, Stdio::null(), stdout, stderr) {
+            // Unblock the receiver, which waits for a runc that is gone.
+            let _ = UnixStream::connect(&console_path);
+            let _ = fs::remove_file(&console_path);
+            return Err(message);
+        }
+        let master = receiver
+            .join()
+            .map_err(|_| "the console thread panicked".to_string())?
+            .map_err(|e| format!("failed to receive the terminal: {e}"))?;
+        let _ = fs::remove_file(&console_path);
+        let (input, drained) = console::start_copier(master, output_log)
+            .map_err(|e| format!("failed to copy the terminal's output: {e}"))?;
+        Ok(Some((input, Some(drained))))
+    }
+
+    /// Acts on the init's (or an exec's) input.
+    fn with_input(
+        &self,
+        exec_id: Option<String>,
+        act: impl FnOnce(&mut Input) -> std::io::Result<()>,
+    ) -> Reply {
+        let id = &self.cfg.container_id;
+        let outcome = match &exec_id {
+            None => self
+                .input
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+                .map(act),
+            Some(exec_id) => self
+                .exec_io_lock()
+                .get_mut(exec_id)
+                .map(|(input, _)| act(input)),
         };
-        match input.write(data) {
-            Ok(()) => Reply::Done,
-            Err(err) => error_reply(&format!("failed to write stdin: {err}")),
+        match outcome {
+            Some(Ok(())) => Reply::Done,
+            Some(Err(err)) => error_reply(&format!("failed to write input of {id:?}: {err}")),
+            None => error_reply(&format!("container {id:?} has no open stdin")),
         }
     }
 
-    fn close_stdin(&self) -> Reply {
-        let mut input = self.input.lock().unwrap_or_else(|e| e.into_inner());
-        match input.as_ref() {
-            // A terminal has no end of input but the EOF character.
-            Some(Input::Terminal(_)) => {
-                drop(input);
-                self.write_stdin(&[4])
-            }
-            Some(Input::Pipe(_)) => {
-                *input = None;
-                Reply::Done
-            }
-            None => Reply::Done,
+    fn close_stdin(&self, exec_id: Option<String>) -> Reply {
+        // A terminal has no end of input but the EOF character; a pipe closes.
+        let terminal = |input: &Input| matches!(input, Input::Terminal(_));
+        let is_terminal = match &exec_id {
+            None => self
+                .input
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_some_and(terminal),
+            Some(exec_id) => self
+                .exec_io_lock()
+                .get(exec_id)
+                .is_some_and(|(input, _)| terminal(input)),
+        };
+        if is_terminal {
+            return self.with_input(exec_id, |input| input.write(&[4]));
         }
-    }
-
-    fn resize(&self, cols: u16, rows: u16) -> Reply {
-        let input = self.input.lock().unwrap_or_else(|e| e.into_inner());
-        match input.as_ref().map(|input| input.resize(cols, rows)) {
-            Some(Err(err)) => error_reply(&format!("failed to resize the terminal: {err}")),
-            _ => Reply::Done,
+        match &exec_id {
+            None => *self.input.lock().unwrap_or_else(|e| e.into_inner()) = None,
+            Some(exec_id) => {
+                self.exec_io_lock().remove(exec_id);
+            }
         }
+        Reply::Done
     }
 
     /// Accepts connections forever, one small thread each.
@@ -487,7 +550,11 @@ impl Shim {
             Request::Resume => self.simple(&["resume".as_ref(), id.as_ref()]),
             Request::Ps => self.ps(),
             Request::Update { resources } => self.update(&resources),
-            Request::Exec { exec_id, process } => self.exec(&exec_id, &process),
+            Request::Exec {
+                exec_id,
+                process,
+                stdin,
+            } => self.exec(&exec_id, &process, stdin),
             Request::ExecState { exec_id } => match self.lock().execs.get(&exec_id) {
                 Some(entry) => Reply::ExecState {
                     pid: entry.pid as u32,
@@ -497,9 +564,15 @@ impl Shim {
             },
             Request::WaitExec { exec_id } => self.wait_exec(&exec_id),
             Request::DeleteExec { exec_id } => self.delete_exec(&exec_id),
-            Request::Stdin { data } => self.write_stdin(&data),
-            Request::CloseStdin => self.close_stdin(),
-            Request::Resize { cols, rows } => self.resize(cols, rows),
+            Request::Stdin { data, exec_id } => {
+                self.with_input(exec_id, |input| input.write(&data))
+            }
+            Request::CloseStdin { exec_id } => self.close_stdin(exec_id),
+            Request::Resize {
+                cols,
+                rows,
+                exec_id,
+            } => self.with_input(exec_id, |input| input.resize(cols, rows)),
         };
         (reply, false)
     }
@@ -563,7 +636,7 @@ impl Shim {
 
     /// `runc exec --detach`: the process is reparented to the shim (its
     /// subreaper), whose reaper records its exit.
-    fn exec(&self, exec_id: &str, process: &serde_json::Value) -> Reply {
+    fn exec(&self, exec_id: &str, process: &serde_json::Value, stdin: bool) -> Reply {
         let id = &self.cfg.container_id;
         if let Err(message) = check_exec_id(exec_id) {
             return Reply::Error { message };
@@ -580,7 +653,7 @@ impl Shim {
             }
             st.execs.insert(exec_id.to_string(), ExecEntry::default());
         }
-        match self.exec_inner(exec_id, process) {
+        match self.exec_inner(exec_id, process, stdin) {
             Ok(pid) => Reply::Started { pid },
             Err(message) => {
                 self.lock().execs.remove(exec_id);
@@ -590,7 +663,12 @@ impl Shim {
         }
     }
 
-    fn exec_inner(&self, exec_id: &str, process: &serde_json::Value) -> Result<u32, String> {
+    fn exec_inner(
+        &self,
+        exec_id: &str,
+        process: &serde_json::Value,
+        stdin: bool,
+    ) -> Result<u32, String> {
         let dir = self.exec_dir(exec_id);
         fs::create_dir_all(&dir).map_err(|e| format!("failed to create {dir:?}: {e}"))?;
         let spec = dir.join("process.json");
@@ -605,19 +683,25 @@ impl Shim {
         };
         let (stdout, stderr) = (open(STDOUT_FILE)?, open(STDERR_FILE)?);
         let pid_file = dir.join("pid");
-        self.runc(
-            &[
-                "exec".as_ref(),
-                "--process".as_ref(),
-                spec.as_os_str(),
-                "--detach".as_ref(),
-                "--pid-file".as_ref(),
-                pid_file.as_os_str(),
-                self.cfg.container_id.as_ref(),
-            ],
-            stdout.into(),
-            stderr.into(),
+        let args: Vec<std::ffi::OsString> = vec![
+            "exec".into(),
+            "--process".into(),
+            spec.clone().into_os_string(),
+            "--detach".into(),
+            "--pid-file".into(),
+            pid_file.clone().into_os_string(),
+        ];
+        let terminal = process["terminal"] == true;
+        let io = self.run_process(
+            args,
+            terminal,
+            stdin,
+            &dir.join(STDOUT_FILE),
+            (stdout, stderr),
         )?;
+        if let Some(io) = io {
+            self.exec_io_lock().insert(exec_id.to_string(), io);
+        }
         let text =
             fs::read_to_string(&pid_file).map_err(|e| format!("failed to read exec pid: {e}"))?;
         let pid: i32 = text
@@ -693,6 +777,7 @@ impl Shim {
         st.execs.remove(exec_id);
         self.changed.notify_all();
         drop(st);
+        self.exec_io_lock().remove(exec_id);
         let _ = fs::remove_dir_all(self.exec_dir(exec_id));
         Reply::Done
     }

@@ -106,12 +106,16 @@ pub enum Request {
         resources: serde_json::Value,
     },
     /// `runc exec --detach` of this OCI `process` object; replies
-    /// [`Reply::Started`] with the exec process's pid.
+    /// [`Reply::Started`] with the exec process's pid. With `terminal` in
+    /// the process it gets a terminal; with `stdin` an open stdin.
     Exec {
         /// The exec process's id, unique within the task.
         exec_id: String,
         /// The process, as the runtime spec's `process` object.
         process: serde_json::Value,
+        /// Keep the process's stdin open for [`Request::Stdin`].
+        #[serde(default)]
+        stdin: bool,
     },
     /// Replies [`Reply::ExecState`].
     ExecState {
@@ -134,15 +138,26 @@ pub enum Request {
     Stdin {
         /// The bytes.
         data: Vec<u8>,
+        /// An exec process's stdin instead of the init's.
+        #[serde(default)]
+        exec_id: Option<String>,
     },
-    /// Closes the init's stdin (end of input); replies [`Reply::Done`].
-    CloseStdin,
+    /// Closes the init's (or an exec's) stdin: end of input; replies
+    /// [`Reply::Done`].
+    CloseStdin {
+        /// An exec process instead of the init.
+        #[serde(default)]
+        exec_id: Option<String>,
+    },
     /// Sets the terminal's size; replies [`Reply::Done`].
     Resize {
         /// Columns.
         cols: u16,
         /// Rows.
         rows: u16,
+        /// An exec process's terminal instead of the init's.
+        #[serde(default)]
+        exec_id: Option<String>,
     },
 }
 
