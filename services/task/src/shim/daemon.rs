@@ -73,6 +73,9 @@ struct State {
     exec_pids: HashMap<i32, String>,
 }
 
+/// Where a process's input goes, and its terminal's output copier.
+type ProcessIo = (Input, Option<Arc<Drained>>);
+
 /// One exec process.
 #[derive(Clone, Copy, Default)]
 struct ExecEntry {
@@ -91,7 +94,7 @@ pub(crate) struct Shim {
     /// Set once a terminal's output is all in `stdout.log`.
     drained: Mutex<Option<Arc<Drained>>>,
     /// Exec processes' stdin or terminal, and their output copiers.
-    exec_io: Mutex<HashMap<String, (Input, Option<Arc<Drained>>)>>,
+    exec_io: Mutex<HashMap<String, ProcessIo>>,
 }
 
 impl Shim {
@@ -361,7 +364,7 @@ impl Shim {
         PathBuf::from(path)
     }
 
-    fn exec_io_lock(&self) -> MutexGuard<'_, HashMap<String, (Input, Option<Arc<Drained>>)>> {
+    fn exec_io_lock(&self) -> MutexGuard<'_, HashMap<String, ProcessIo>> {
         self.exec_io.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -376,7 +379,7 @@ impl Shim {
         stdin: bool,
         output_log: &std::path::Path,
         (stdout, stderr): (fs::File, fs::File),
-    ) -> Result<Option<(Input, Option<Arc<Drained>>)>, String> {
+    ) -> Result<Option<ProcessIo>, String> {
         let run =
             |args: &[std::ffi::OsString], stdin: Stdio, stdout: fs::File, stderr: fs::File| {
                 let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
