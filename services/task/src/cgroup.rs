@@ -124,6 +124,67 @@ pub fn metrics(paths: &Paths, suffix: &str) -> MetricsReply {
     reply
 }
 
+/// Removes the directories above a deleted task's cgroup that berth's
+/// layout made (`berth/<namespace>` and `berth`) once they are empty: runc
+/// removes the task's own directory but not its parents. A directory still
+/// in use by another task stays (rmdir refuses it).
+///
+/// # Limitations
+/// A task created in the same namespace at that very moment can find its
+/// freshly made parent removed under it, and runc then fails its create; the
+/// create can be retried.
+pub fn remove_parents(paths: &Paths, suffix: &str) {
+    let mounts = mount_points();
+    let suffix = suffix.trim_matches('/');
+    // Only the layout's own levels, never a directory above it.
+    let levels = suffix.split('/').count().saturating_sub(1);
+    for (controller, path) in paths {
+        let Some(mount) = mounts.get(controller) else {
+            continue;
+        };
+        let Some(prefix) = path.trim_start_matches('/').strip_suffix(suffix) else {
+            continue;
+        };
+        let mut dir = mount.join(prefix.trim_end_matches('/')).join(suffix);
+        for _ in 0..levels {
+            if !dir.pop() || std::fs::remove_dir(&dir).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Where each controller's hierarchy is mounted (`""` for cgroup v2), from
+/// `/proc/self/mountinfo`.
+fn mount_points() -> HashMap<String, std::path::PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mount_point = left.split(' ').nth(4).unwrap_or_default();
+        let mut right = right.split(' ');
+        let (Some(fstype), _, Some(options)) = (right.next(), right.next(), right.next()) else {
+            continue;
+        };
+        match fstype {
+            "cgroup2" => {
+                out.entry(String::new())
+                    .or_insert_with(|| mount_point.into());
+            }
+            "cgroup" => {
+                for option in options.split(',').filter(|o| *o != "rw" && *o != "ro") {
+                    out.entry(option.to_string())
+                        .or_insert_with(|| mount_point.into());
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 fn unified_file(path: &str, name: &str) -> std::path::PathBuf {
     std::path::Path::new("/sys/fs/cgroup")
         .join(path.trim_start_matches('/'))
@@ -159,6 +220,17 @@ mod tests {
             .clone();
         // This process uses memory, so its cgroup counts some.
         assert!(metrics(&paths, &memory).memory_usage_bytes > 0);
+    }
+
+    #[test]
+    fn mount_points_name_the_controllers() {
+        let mounts = mount_points();
+        let own = of_pid(std::process::id());
+        // Every controller this process sits in is mounted somewhere.
+        assert!(
+            own.keys().any(|controller| mounts.contains_key(controller)),
+            "{mounts:?}"
+        );
     }
 
     #[test]

@@ -74,8 +74,18 @@ async fn lifecycle_is_recorded_and_cleaned_up() -> Result<()> {
         .await
         .unwrap_err();
     assert_eq!(gone.code, Code::NotFound);
-    assert!(!node.state_dir().join("bundles/default/c1").exists());
-    assert!(!node.state_dir().join("shims/default/c1").exists());
+    assert!(!node
+        .state_dir()
+        .join("bundles")
+        .join(&node.namespace)
+        .join("c1")
+        .exists());
+    assert!(!node
+        .state_dir()
+        .join("shims")
+        .join(&node.namespace)
+        .join("c1")
+        .exists());
     assert_eq!(
         node.mounts()
             .iter()
@@ -83,6 +93,15 @@ async fn lifecycle_is_recorded_and_cleaned_up() -> Result<()> {
             .count(),
         0
     );
+    // runc removes the task's cgroup; its namespace parent goes with the
+    // last task (checked where the pids controller is mounted as on v1).
+    if std::path::Path::new("/sys/fs/cgroup/pids").exists() {
+        assert!(
+            !node.namespace_cgroup().exists(),
+            "{:?} left",
+            node.namespace_cgroup()
+        );
+    }
     assert_eq!(
         node.task_events("c1").await?,
         [
@@ -119,7 +138,12 @@ async fn missing_binary_is_an_error_at_create() -> Result<()> {
         .await
         .unwrap_err();
     assert_eq!(reservation.code, Code::NotFound);
-    assert!(!node.state_dir().join("bundles/default/nope").exists());
+    assert!(!node
+        .state_dir()
+        .join("bundles")
+        .join(&node.namespace)
+        .join("nope")
+        .exists());
     assert!(node.mounts().iter().all(|m| !m.contains("bundles")));
 
     // The container may have a task once the command is fixed: nothing of
@@ -151,6 +175,13 @@ async fn sigkill_of_the_task_service_loses_no_exit() -> Result<()> {
         .await?;
     node.run("short").await?;
 
+    if std::path::Path::new("/sys/fs/cgroup/pids").exists() {
+        assert!(
+            node.namespace_cgroup().exists(),
+            "tasks run outside {:?}",
+            node.namespace_cgroup()
+        );
+    }
     node.kill_task_service();
     // The short task exits while nobody watches it.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -189,5 +220,12 @@ async fn sigkill_of_the_task_service_loses_no_exit() -> Result<()> {
         node.delete(id).await?;
     }
     node.delete("short").await?;
+    if std::path::Path::new("/sys/fs/cgroup/pids").exists() {
+        assert!(
+            !node.namespace_cgroup().exists(),
+            "{:?} left",
+            node.namespace_cgroup()
+        );
+    }
     Ok(())
 }

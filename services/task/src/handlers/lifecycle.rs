@@ -395,6 +395,8 @@ async fn delete_task(
         exited_at: e.exited_at as i64,
     }));
     remove_bundle(svc, namespace, container_id);
+    let suffix = spec::cgroups_path(namespace, container_id);
+    crate::cgroup::remove_parents(&record.cgroups, &suffix);
     release(svc, namespace, container_id, record.generation).await;
 
     let reply = pb::DeleteReply {

@@ -72,7 +72,9 @@ impl Node {
             shutdown,
             task: None,
             client,
-            namespace: "default".to_string(),
+            // A namespace per node keeps the cgroup parents of concurrent
+            // tests apart.
+            namespace: format!("t-{name}"),
         };
         this.start_task_service()?;
         this.wait_for_services().await?;
@@ -249,6 +251,12 @@ impl Node {
             ..Default::default()
         };
         self.container_with(container_id, image, options).await
+    }
+
+    /// The pids controller's directory of this node's namespace, where
+    /// runc makes the tasks' cgroups.
+    pub fn namespace_cgroup(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/cgroup/pids/berth").join(&self.namespace)
     }
 
     /// A container record with `options` on a fresh snapshot of the image.
