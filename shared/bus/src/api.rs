@@ -64,6 +64,92 @@ impl Content {
     mut_op!(/// `delete`.
         delete, "delete", content::DeleteRequest, content::DeleteReply);
 
+    /// Writes a blob through the ingest `open.ref` and commits it: opens
+    /// (or resumes) the ingest, writes what `source` holds from the offset
+    /// the store reports ([`Content::upload`]), then commits against
+    /// `open`'s expected digest and size with `labels`. When the namespace
+    /// holds the blob already nothing is written and the commit only stamps
+    /// it as used and attaches it to the lease.
+    ///
+    /// Errors are the content service's (`FailedPrecondition` when another
+    /// writer holds the ref, `InvalidArgument` when the bytes do not match),
+    /// and `Internal` when `source` fails.
+    pub async fn push<R: std::io::Read + std::io::Seek + Send>(
+        &self,
+        open: &content::OpenRequest,
+        source: &mut R,
+        labels: std::collections::HashMap<String, String>,
+    ) -> Result<content::CommitReply> {
+        let opened = self.open(open).await?;
+        if !opened.exists {
+            self.upload(&open.r#ref, opened.offset as u64, source)
+                .await?;
+        }
+        self.commit(&content::CommitRequest {
+            r#ref: open.r#ref.clone(),
+            size: open.expected_size,
+            digest: open.expected_digest.clone(),
+            labels,
+            lease_id: open.lease_id.clone(),
+        })
+        .await
+    }
+
+    /// Writes what `source` holds from `offset` to its end into the
+    /// ingest `reference`, in chunks of [`Client::max_body`] with
+    /// [`crate::chunk::IN_FLIGHT`] of them in flight, and returns the
+    /// ingest's length after the last write.
+    ///
+    /// # Limitations
+    /// `source` is read on the caller's task: a source that blocks for
+    /// long (a slow disk or pipe) holds up that task's worker thread.
+    pub async fn upload<R: std::io::Read + std::io::Seek + Send>(
+        &self,
+        reference: &str,
+        offset: u64,
+        source: &mut R,
+    ) -> Result<u64> {
+        use futures::StreamExt;
+        let failed = |err: std::io::Error| {
+            crate::Error::internal(format!("read the bytes of ingest {reference:?}: {err}"))
+        };
+        source
+            .seek(std::io::SeekFrom::Start(offset))
+            .map_err(failed)?;
+
+        // Chunks are read as the writes before them are sent.
+        let chunk = self.client.max_body();
+        let chunks = futures::stream::unfold(Some((source, offset)), move |state| async move {
+            let (source, at) = state?;
+            let mut buf = vec![0; chunk];
+            match read_full(source, &mut buf) {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok((at, buf)), Some((source, at + n as u64))))
+                }
+                Err(err) => Some((Err(failed(err)), None)),
+            }
+        });
+        let writes = chunks
+            .map(|chunk| async move {
+                let (at, data) = chunk?;
+                let request = content::WriteRequest {
+                    r#ref: reference.to_string(),
+                    offset: at as i64,
+                    data: data.into(),
+                };
+                Ok::<_, crate::Error>(self.write(&request).await?.offset as u64)
+            })
+            .buffered(crate::chunk::IN_FLIGHT);
+        futures::pin_mut!(writes);
+        let mut end = offset;
+        while let Some(written) = writes.next().await {
+            end = end.max(written?);
+        }
+        Ok(end)
+    }
+
     /// Reads a whole blob by pulling chunks, a few in flight.
     pub async fn read_all(&self, digest: &str) -> Result<Vec<u8>> {
         use futures::StreamExt;
@@ -95,6 +181,20 @@ impl Content {
     }
 }
 
+/// Reads until `buf` is full or the source ends; returns how many bytes.
+fn read_full(source: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match source.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(filled)
+}
+
 /// The metadata service of a namespace.
 #[derive(Clone, Debug)]
 pub struct Metadata {
@@ -108,6 +208,16 @@ impl Metadata {
     fn subject(&self, op: &str) -> Result<String> {
         subject::op(&self.namespace, "metadata", op)
     }
+    mut_op!(/// `namespaces.create`: makes the client's namespace.
+        create_namespace, "namespaces.create", metadata::CreateNamespaceRequest, metadata::NamespaceReply);
+    mut_op!(/// `namespaces.update`.
+        update_namespace, "namespaces.update", metadata::UpdateNamespaceRequest, metadata::NamespaceReply);
+    read_op!(/// `namespaces.get`.
+        get_namespace, "namespaces.get", metadata::GetNamespaceRequest, metadata::NamespaceReply);
+    read_op!(/// `namespaces.list`: every namespace of the cluster.
+        list_namespaces, "namespaces.list", metadata::ListNamespacesRequest, metadata::ListNamespacesReply);
+    mut_op!(/// `namespaces.delete`.
+        delete_namespace, "namespaces.delete", metadata::DeleteNamespaceRequest, metadata::DeleteReply);
     mut_op!(/// `images.create`.
         create_image, "images.create", metadata::CreateImageRequest, metadata::ImageReply);
     mut_op!(/// `images.update`.
@@ -120,6 +230,8 @@ impl Metadata {
         delete_image, "images.delete", metadata::DeleteImageRequest, metadata::DeleteReply);
     mut_op!(/// `containers.create`.
         create_container, "containers.create", metadata::CreateContainerRequest, metadata::ContainerReply);
+    mut_op!(/// `containers.update`.
+        update_container, "containers.update", metadata::UpdateContainerRequest, metadata::ContainerReply);
     read_op!(/// `containers.get`.
         get_container, "containers.get", metadata::GetContainerRequest, metadata::ContainerReply);
     read_op!(/// `containers.list`.
@@ -138,6 +250,14 @@ impl Metadata {
         create_lease, "leases.create", metadata::CreateLeaseRequest, metadata::LeaseReply);
     mut_op!(/// `leases.add`.
         add_lease_resources, "leases.add", metadata::AddLeaseResourcesRequest, metadata::LeaseReply);
+    read_op!(/// `leases.get`.
+        get_lease, "leases.get", metadata::GetLeaseRequest, metadata::LeaseReply);
+    mut_op!(/// `leases.update`.
+        update_lease, "leases.update", metadata::UpdateLeaseRequest, metadata::LeaseReply);
+    mut_op!(/// `leases.remove`: detaches resources.
+        remove_lease_resources, "leases.remove", metadata::RemoveLeaseResourcesRequest, metadata::LeaseReply);
+    read_op!(/// `leases.query`: the leases whose labels match.
+        query_leases, "leases.query", metadata::QueryLeasesRequest, metadata::ListLeasesReply);
     mut_op!(/// `leases.delete`.
         delete_lease, "leases.delete", metadata::DeleteLeaseRequest, metadata::DeleteReply);
     read_op!(/// `leases.list`.
@@ -249,4 +369,6 @@ impl Gc {
     }
     mut_op!(/// `run`.
         run, "run", gc::RunRequest, gc::GcDone);
+    read_op!(/// `explain`: why a blob or snapshot of the namespace stays, or that it goes.
+        explain, "explain", gc::ExplainRequest, gc::ExplainReply);
 }

@@ -23,26 +23,40 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
 use async_nats::client::Statistics;
 use async_nats::{ConnectOptions, Event, ServerError};
 use tokio::sync::broadcast;
 
+use crate::config::ConnectConfig;
 use crate::error::{Code, Error, Result};
 
-/// Connects to NATS at `url` as client `name`.
+/// Connects to NATS at `url` as client `name`, with the identity and TLS
+/// settings of the environment ([`ConnectConfig::from_env`]), so a service
+/// binary runs under authorization with no flags of its own.
 ///
 /// The first connection is retried in the background, so this returns at
 /// once; requests sent before it is up wait in the client's buffer, up to
 /// their timeout. Permission refusals on the connection become
 /// `PermissionDenied` for [`crate::Client`]s made from it.
+///
+/// `InvalidArgument` when the environment's settings clash or name a file
+/// that cannot be read.
 pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client> {
-    let options = ConnectOptions::new()
-        .name(name)
-        .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(2));
-    connect_with(url, options).await
+    let mut config = ConnectConfig::from_env(url, name);
+    config.retry_initial_connect = true;
+    connect_with_config(&config).await
+}
+
+/// Connects as `config` says, with the permission watch of [`connect`].
+///
+/// Only without `retry_initial_connect` does the first connection's
+/// outcome show here: `PermissionDenied` when the server refuses the
+/// identity (or the lack of one), `Unavailable` when it cannot be reached
+/// or TLS fails, with the reason in the message. `InvalidArgument` for
+/// settings that clash or files that cannot be read, either way.
+pub async fn connect_with_config(config: &ConnectConfig) -> Result<async_nats::Client> {
+    connect_with(&config.url, config.options()?).await
 }
 
 /// Connects to NATS at `url` with the caller's `options` (credentials, TLS,
@@ -64,9 +78,23 @@ pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<async_na
     let nats = options
         .connect(url)
         .await
-        .map_err(|err| Error::unavailable(format!("connect to NATS at {url}: {err}")))?;
+        .map_err(|err| connect_error(url, &err))?;
     register(&nats, refusals);
     Ok(nats)
+}
+
+/// The error of a failed first connection: `PermissionDenied` when the
+/// server refused the identity (or its absence), else `Unavailable`.
+fn connect_error(url: &str, err: &async_nats::ConnectError) -> Error {
+    use async_nats::ConnectErrorKind as Kind;
+    match err.kind() {
+        Kind::AuthorizationViolation | Kind::Authentication => Error::new(
+            Code::PermissionDenied,
+            format!("NATS at {url} refused the connection: {}", err.kind()),
+        ),
+        Kind::Tls => Error::unavailable(format!("TLS with NATS at {url} failed: {err}")),
+        _ => Error::unavailable(format!("cannot reach NATS at {url}: {err}")),
+    }
 }
 
 /// What the server refused on one connection.
@@ -169,6 +197,33 @@ pub(crate) async fn refusal_of(
             // then ends by its timeout as it would have without the watch.
             Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}
+
+/// Waits for the server to refuse a publish to `subject` on `nats`, or the
+/// subscription to its reply inbox, and answers the `PermissionDenied` a
+/// [`crate::Client`] would; pending forever when no refusal comes (and on
+/// a connection [`connect_with`] did not make). Listening starts when this
+/// is called, so call it before sending.
+///
+/// For requests made outside [`crate::Client`] (JetStream's API calls):
+/// race the request against this, so a refusal ends it at once.
+pub fn refusal(
+    nats: &async_nats::Client,
+    subject: &str,
+) -> impl std::future::Future<Output = Error> + use<> {
+    let live = refusals_of(nats).map(|refusals| refusals.listen());
+    let inbox = nats.new_inbox();
+    let inbox_prefix = match inbox.rsplit_once('.') {
+        Some((prefix, _)) => prefix.to_string(),
+        None => inbox,
+    };
+    let subject = subject.to_string();
+    async move {
+        match live {
+            Some(live) => refusal_of(live, &subject, &inbox_prefix).await,
+            None => std::future::pending().await,
         }
     }
 }

@@ -133,6 +133,21 @@ impl Error {
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(Code::Unavailable, message)
     }
+
+    /// An error of class `code` whose message is `err` and its causes, each
+    /// said once (`cannot mount …: permission denied`): a service's own
+    /// error as it crosses the wire, where the caller has nothing else to
+    /// read the causes from.
+    pub fn with_causes(code: Code, err: &dyn std::error::Error) -> Self {
+        let mut message = err.to_string();
+        let mut source = err.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self::new(code, message)
+    }
 }
 
 impl From<heed::Error> for Error {
@@ -159,6 +174,17 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn causes_are_said_once_after_the_error() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot open blob")]
+        struct Outer(#[source] std::io::Error);
+        let err = Outer(std::io::Error::other("disk gone"));
+        let wire = Error::with_causes(Code::Internal, &err);
+        assert_eq!(wire.message, "cannot open blob: disk gone");
+        assert_eq!(wire.code, Code::Internal);
+    }
 
     #[test]
     fn codes_round_trip_through_their_wire_values() {

@@ -3,6 +3,7 @@
 //! - [`subject`]: the one builder of `berth.v1.<namespace>.<service>[.<node>].<op>`
 //!   and event subjects, refusing bad tokens before anything is sent;
 //! - [`error`]: the closed set of codes that cross the wire;
+//! - [`config`]: where NATS is, the identity berth connects as, and TLS;
 //! - [`conn`]: connections that turn the server's permission refusals into
 //!   `PermissionDenied` replies;
 //! - [`client`]: typed request/reply with a timeout on every call;
@@ -10,23 +11,28 @@
 //! - [`idempotency`]: request ids stored with the effect;
 //! - [`events`]: the outbox, its publisher, and the ordered consumer;
 //! - [`chunk`]: large bodies pulled by the receiver in chunks;
+//! - [`locks`]: async locks by name (a digest, a chain ID), held across awaits;
+//! - [`api`]: one typed client per service;
 //! - [`trace`]: logging set-up and `traceparent` propagation;
 //! - [`store`]: the LMDB environment settings every service shares.
 
 pub mod api;
 pub mod chunk;
 pub mod client;
+pub mod config;
 pub mod conn;
 pub mod error;
 pub mod events;
 pub mod idempotency;
+pub mod locks;
 pub mod serve;
 pub mod store;
 pub mod subject;
 pub mod trace;
 
 pub use client::Client;
-pub use conn::{connect, connect_with};
+pub use config::ConnectConfig;
+pub use conn::{connect, connect_with, connect_with_config};
 pub use error::{Code, Error, Result};
 pub use serve::{Call, Service};
 

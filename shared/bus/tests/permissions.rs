@@ -148,3 +148,29 @@ async fn without_the_watch_a_refusal_is_a_timeout() -> anyhow::Result<()> {
     assert_eq!(err.code, Code::DeadlineExceeded, "{err}");
     Ok(())
 }
+
+/// A request made outside `Client` (as JetStream's API calls are) can race
+/// `conn::refusal`, which answers the server's refusal of its subject at
+/// once.
+#[tokio::test]
+async fn refusals_of_other_requests_are_seen_too() -> anyhow::Result<()> {
+    let server = NatsServer::start_with_config(AUTHORIZATION)?;
+    let tenant = client_as(&server, "tenant").await?;
+    let nats = tenant.nats().clone();
+    let subject = "$JS.API.STREAM.INFO.BERTH_EVENTS";
+
+    let refused = berth_bus::conn::refusal(&nats, subject);
+    let started = Instant::now();
+    let request = nats.request(subject, bytes::Bytes::new());
+    let err = tokio::select! {
+        answer = request => anyhow::bail!("the request was answered: {answer:?}"),
+        err = refused => err,
+    };
+    assert_eq!(err.code, Code::PermissionDenied, "{err}");
+    assert_eq!(
+        err.message,
+        "permission denied: may not publish to $JS.API.STREAM.INFO.BERTH_EVENTS"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    Ok(())
+}

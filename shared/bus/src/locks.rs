@@ -1,5 +1,6 @@
-//! Locks by name, held across awaits: one unpack applies a chain ID at a
-//! time, and the others wait for it and then reuse its snapshot.
+//! Locks by name, held across awaits: the snapshot service applies one
+//! chain ID at a time (other unpacks wait, then reuse it), the content
+//! service commits or deletes one digest at a time.
 //!
 //! An entry lives only while someone holds or waits for its lock, so the map
 //! stays as small as the work in progress.
@@ -11,12 +12,12 @@ use tokio::sync::OwnedMutexGuard;
 
 /// A set of async mutexes, one per name, made on first use.
 #[derive(Default)]
-pub(crate) struct KeyLocks {
+pub struct KeyLocks {
     map: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 /// Holds the lock of one name until dropped.
-pub(crate) struct KeyGuard {
+pub struct KeyGuard {
     map: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     name: String,
     guard: Option<OwnedMutexGuard<()>>,
@@ -24,7 +25,7 @@ pub(crate) struct KeyGuard {
 
 impl KeyLocks {
     /// Waits for the lock of `name`.
-    pub(crate) async fn lock(&self, name: String) -> KeyGuard {
+    pub async fn lock(&self, name: String) -> KeyGuard {
         let mutex = {
             let mut map = self
                 .map
