@@ -1,560 +1,566 @@
 //! The blob store: files under the root, records in LMDB.
 //!
 //! ```text
-//! ROOT/blobs/sha256/<hex>          committed blobs, read-only, written once
-//! ROOT/ingest/<namespace>/<ref>/   data (the bytes so far), meta.json (expectations)
-//! ROOT/db/                         LMDB:
-//!   blobs   "<digest>"                -> BlobRecord (json)   one per blob on disk
-//!   owners  "<namespace>\0<digest>"   -> OwnerRecord (json)  who provided it, labels, touched
-//!   outbox, outbox_meta, requests     (berth-bus)
+//! ROOT/blobs/sha256/<hex>   committed blobs, read-only, written once, one per digest
+//! ROOT/ingest/...           blobs being written (see `ingest`)
+//! ROOT/db/                  LMDB (see `schema`)
 //! ```
 //!
-//! An ingest is invisible until commit: commit verifies size and sha256 of
-//! the ingest file, fsyncs it, renames it into `blobs/` and records the owner
-//! in one transaction with its `content.commit` event. Commits and deletes of
-//! one digest hold that digest's lock, so a gc delete racing a re-commit
-//! never unlinks bytes the commit just claimed.
+//! A blob goes through three steps: its bytes are written to an ingest,
+//! invisible to everyone; commit verifies their size and sha256, syncs the
+//! file and renames it to `blobs/sha256/<hex>` (or drops it when that file
+//! exists already: the bytes are stored once); then one transaction writes
+//! the namespace's owner record, counts it on the blob record and queues
+//! `content.commit`. The file is always there before its records and is
+//! unlinked only after they are gone, so a record never lacks its bytes; a
+//! crash between the steps leaves a file no record names, which
+//! [`Store::recover`] removes at start-up (or a `delete` of that digest).
+//!
+//! Namespaces: a blob is visible in a namespace only through its owner
+//! record, and that record is written only by a commit that verified bytes
+//! the namespace wrote (or a reuse by a namespace that held the blob
+//! already). Knowing a digest is not enough: another namespace's open
+//! answers `exists` false and its bytes must still be written and
+//! verified, after which the file already on disk is kept.
+//!
+//! Commits and deletes of one digest hold that digest's lock (taken by the
+//! handlers) from the first look at its records to the unlink, so a gc
+//! delete racing a re-commit of the same digest runs entirely before it or
+//! entirely after it. Before: the blob is gone and the commit either brings
+//! verified bytes, which it places again, or is refused (`NotFound`), never
+//! acknowledged without bytes. After: the commit stamped the blob's touched
+//! time after gc's mark, so the delete (`unless touched since` the mark)
+//! keeps it. Leases are gc's part: it reads them with its mark and asks for
+//! no delete of what one holds, and a lease attached after the mark comes
+//! with a commit that touched the blob after the mark.
+//!
+//! # Limitations
+//!
+//! Touched times are this host's wall clock, compared with the mark epoch
+//! taken from the metadata host's clock: when the content host's clock runs
+//! behind by more than the time between a mark and a reuse, that reuse can
+//! be lost, unless a lease held the blob at the mark. Reads are served from
+//! files verified when they were committed and are not hashed again: a
+//! reader that needs the whole blob verifies the digest as it reads (the
+//! snapshot service does).
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::collections::{BTreeMap, HashSet};
+use std::io::ErrorKind;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use heed::types::{Bytes as RawBytes, Str};
-use heed::Database;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
+use heed::RwTxn;
 
 use berth_bus::events::Outbox;
 use berth_bus::idempotency::RequestLog;
 use berth_bus::store::Env;
-use berth_bus::{Error, Result};
+use berth_proto::content::ContentEvent;
 
-/// The largest ingest ref.
-pub const MAX_REF_LEN: usize = 200;
+use crate::digest::{Digest, ALGORITHM};
+use crate::error::ContentError;
+use crate::events;
+use crate::ingest::Ingests;
+use crate::schema::{BlobRecord, OwnerRecord, Schema};
 
-/// A blob on disk.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BlobRecord {
-    /// Length in bytes.
-    pub size: i64,
-    /// First commit, nanoseconds since the epoch.
-    pub created: i64,
+pub use crate::digest::check_ref;
+pub use crate::ingest::IngestMeta;
+
+type Result<T, E = ContentError> = std::result::Result<T, E>;
+
+/// Checks a digest (`sha256:<64 lowercase hex>`) and returns its hex part.
+pub fn check_digest(digest: &str) -> Result<String> {
+    Ok(Digest::parse(digest)?.hex().to_string())
 }
 
-/// A namespace's hold on a blob.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct OwnerRecord {
-    /// Labels set by the namespace's clients.
-    pub labels: BTreeMap<String, String>,
-    /// When the namespace first committed the blob.
-    pub created: i64,
-    /// When its labels changed.
-    pub updated: i64,
-    /// Last commit or reuse, nanoseconds: gc keeps what was touched at or
-    /// after its mark epoch.
-    pub touched: i64,
-}
-
-/// What `open` wrote for an ingest.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct IngestMeta {
-    /// The digest the bytes must have, if known.
-    pub expected_digest: String,
-    /// The size the bytes must have, 0 when unknown.
-    pub expected_size: i64,
-    /// The lease to attach the blob to.
-    pub lease_id: String,
-}
-
-/// A checked `sha256:<64 lowercase hex>`.
-pub fn check_digest(digest: &str) -> Result<&str> {
-    let Some((algorithm, hex)) = digest.split_once(':') else {
-        return Err(Error::invalid(format!("malformed digest {digest:?}")));
-    };
-    if algorithm != "sha256" {
-        return Err(Error::invalid(format!(
-            "unsupported digest algorithm {algorithm:?} in {digest:?}"
-        )));
-    }
-    if hex.len() != 64
-        || !hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        return Err(Error::invalid(format!("malformed digest {digest:?}")));
-    }
-    Ok(hex)
-}
-
-/// A checked ingest ref: no path characters, so it names one directory.
-pub fn check_ref(reference: &str) -> Result<()> {
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || "-_.:@".contains(c);
-    if reference.is_empty()
-        || reference.len() > MAX_REF_LEN
-        || reference.starts_with('.')
-        || !reference.chars().all(ok_char)
-    {
-        return Err(Error::invalid(format!(
-            "invalid ingest ref {reference:?}: use letters, digits and -_.:@, at most {MAX_REF_LEN}"
-        )));
-    }
-    Ok(())
-}
-
-/// Nanoseconds since the epoch.
+/// Nanoseconds since the Unix epoch.
 pub fn now_nanos() -> i64 {
     berth_proto::Timestamp::now().unix_nanos
+}
+
+/// What [`Store::recover`] found at start-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Blob files no record named, removed.
+    pub orphans: usize,
+    /// Blob records whose file is missing (the disk lost it; reads of
+    /// those blobs fail until they are deleted).
+    pub missing: usize,
+}
+
+/// What a verified commit did, before its records are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// The blob's size.
+    pub size: u64,
+    /// No new bytes went to disk: the namespace held the blob, or its file
+    /// was there for another namespace.
+    pub reused: bool,
+}
+
+/// What a delete did; the caller unlinks `unlink` after the commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    /// False when the blob was touched since the epoch and stays.
+    pub deleted: bool,
+    /// The file to unlink when no namespace holds the blob any more.
+    pub unlink: Option<PathBuf>,
+    /// The blob's size.
+    pub size: u64,
 }
 
 /// The content store of one root.
 pub struct Store {
     root: PathBuf,
     pub(crate) env: Env,
-    blobs: Database<Str, RawBytes>,
-    owners: Database<Str, RawBytes>,
+    schema: Schema,
     pub(crate) outbox: Outbox,
     pub(crate) requests: RequestLog,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) ingests: Ingests,
 }
 
 impl Store {
-    /// Opens the store at `root`, creating its layout.
+    /// Opens the store at `root`, creating its layout and migrating an
+    /// older database (`Internal` for a newer one).
     pub fn open(root: &Path) -> Result<Self> {
-        for dir in ["blobs/sha256", "ingest"] {
-            std::fs::create_dir_all(root.join(dir))?;
-        }
-        let env = berth_bus::store::open_env(&root.join("db"), 8)?;
-        let mut txn = env.write_txn()?;
-        let blobs = env.create_database(&mut txn, Some("blobs"))?;
-        let owners = env.create_database(&mut txn, Some("owners"))?;
-        txn.commit()?;
-        let outbox = Outbox::open(&env, "content", "")?;
-        let requests = RequestLog::open(&env)?;
+        let blobs = root.join("blobs").join(ALGORITHM);
+        std::fs::create_dir_all(&blobs).map_err(ContentError::io("create directory", &blobs))?;
+        let ingests = Ingests::open(&root.join("ingest"))?;
+        let env = berth_bus::store::open_env(&root.join("db"), 8)
+            .map_err(ContentError::bus("content database"))?;
+        let schema = Schema::open(&env)?;
+        let outbox = Outbox::open(&env, "content", "").map_err(ContentError::bus("outbox"))?;
+        let requests = RequestLog::open(&env).map_err(ContentError::bus("request log"))?;
         Ok(Store {
             root: root.to_path_buf(),
             env,
-            blobs,
-            owners,
+            schema,
             outbox,
             requests,
-            locks: Mutex::new(HashMap::new()),
+            ingests,
         })
     }
 
-    /// The path of a committed blob.
-    pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
-        Ok(self.root.join("blobs/sha256").join(check_digest(digest)?))
-    }
-
-    fn ingest_dir(&self, namespace: &str, reference: &str) -> PathBuf {
-        self.root.join("ingest").join(namespace).join(reference)
-    }
-
-    /// The lock of one digest, held across a commit's or a delete's file and
-    /// database steps.
-    pub(crate) fn lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self
-            .locks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        locks.entry(digest.to_string()).or_default().clone()
-    }
-
-    /// The namespace's record of a blob, `NotFound` when it holds none.
-    pub fn info(&self, namespace: &str, digest: &str) -> Result<(BlobRecord, OwnerRecord)> {
-        check_digest(digest)?;
+    /// Removes blob files no record names (a crash between a commit's
+    /// rename and its transaction, or between a delete's transaction and
+    /// its unlink). Ingests are kept: their writers resume them. Run before
+    /// serving.
+    pub fn recover(&self) -> Result<Recovered> {
         let txn = self.env.read_txn()?;
-        let owner = self
-            .owners
-            .get(&txn, &owner_key(namespace, digest))?
-            .ok_or_else(|| Error::not_found(format!("blob {digest} not found")))?;
-        let blob = self
-            .blobs
-            .get(&txn, digest)?
-            .ok_or_else(|| Error::not_found(format!("blob {digest} not found")))?;
-        Ok((decode(blob)?, decode(owner)?))
+        let recorded: HashSet<String> = self.schema.blob_digests(&txn)?.into_iter().collect();
+        drop(txn);
+
+        let dir = self.root.join("blobs").join(ALGORITHM);
+        let entries = std::fs::read_dir(&dir).map_err(ContentError::io("list", &dir))?;
+        let mut found = HashSet::new();
+        let mut recovered = Recovered::default();
+        for entry in entries {
+            let entry = entry.map_err(ContentError::io("list", &dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let digest = format!("{ALGORITHM}:{name}");
+            if recorded.contains(&digest) {
+                found.insert(digest);
+                continue;
+            }
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(ContentError::io("remove", &path))?;
+            recovered.orphans += 1;
+        }
+        recovered.missing = recorded.len() - found.len();
+        Ok(recovered)
     }
 
-    /// Every blob of the namespace with its records.
+    /// The path of a committed blob, `<root>/blobs/sha256/<hex>`.
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
+        Ok(self.path_of(&Digest::parse(digest)?))
+    }
+
+    fn path_of(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs").join(ALGORITHM).join(digest.hex())
+    }
+
+    /// The namespace's records of a blob; `NotFound` when it holds none,
+    /// whether or not another namespace does.
+    pub fn info(&self, namespace: &str, digest: &Digest) -> Result<(BlobRecord, OwnerRecord)> {
+        let txn = self.env.read_txn()?;
+        let owner = self.schema.owner(&txn, namespace, digest.as_str())?;
+        let blob = self.schema.blob(&txn, digest.as_str())?;
+        match (blob, owner) {
+            (Some(blob), Some(owner)) => Ok((blob, owner)),
+            _ => Err(ContentError::BlobNotFound {
+                digest: digest.to_string(),
+            }),
+        }
+    }
+
+    /// The blob's record when the namespace holds it.
+    pub fn held(&self, namespace: &str, digest: &Digest) -> Result<Option<BlobRecord>> {
+        match self.info(namespace, digest) {
+            Ok((blob, _)) => Ok(Some(blob)),
+            Err(ContentError::BlobNotFound { .. }) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Every blob of the namespace with its records, by digest.
     pub fn list(&self, namespace: &str) -> Result<Vec<(String, BlobRecord, OwnerRecord)>> {
         let txn = self.env.read_txn()?;
-        let prefix = format!("{namespace}\0");
         let mut out = Vec::new();
-        for item in self.owners.prefix_iter(&txn, &prefix)? {
-            let (key, owner) = item?;
-            let digest = &key[prefix.len()..];
-            if let Some(blob) = self.blobs.get(&txn, digest)? {
-                out.push((digest.to_string(), decode(blob)?, decode(owner)?));
+        for (digest, owner) in self.schema.owned(&txn, namespace)? {
+            if let Some(blob) = self.schema.blob(&txn, &digest)? {
+                out.push((digest, blob, owner));
             }
         }
         Ok(out)
     }
 
-    /// Reads `length` bytes at `offset` of a blob the namespace holds.
+    /// Reads up to `length` bytes at `offset` of a blob the namespace
+    /// holds, and returns them with the blob's size. `InvalidArgument` for
+    /// an offset past the end; the bytes are fewer than asked only there.
     pub fn read(
         &self,
         namespace: &str,
-        digest: &str,
-        offset: i64,
-        length: i64,
-    ) -> Result<(Vec<u8>, i64)> {
+        digest: &Digest,
+        offset: u64,
+        length: u64,
+    ) -> Result<(Vec<u8>, u64)> {
         let (blob, _) = self.info(namespace, digest)?;
-        if offset < 0 || length < 0 || offset > blob.size {
-            return Err(Error::invalid(format!(
-                "read of blob {digest} at offset {offset} is past its end ({} bytes)",
-                blob.size
-            )));
+        if offset > blob.size {
+            return Err(ContentError::ReadPastEnd {
+                digest: digest.to_string(),
+                offset: offset as i64,
+                size: blob.size,
+            });
         }
         let length = length.min(blob.size - offset) as usize;
-        let mut file = std::fs::File::open(self.blob_path(digest)?)?;
-        file.seek(SeekFrom::Start(offset as u64))?;
+        let path = self.path_of(digest);
+        // A delete between the lookup and the open took the blob.
+        let file = std::fs::File::open(&path).map_err(|err| match err.kind() {
+            ErrorKind::NotFound => ContentError::BlobNotFound {
+                digest: digest.to_string(),
+            },
+            _ => ContentError::io("open", &path)(err),
+        })?;
         let mut data = vec![0; length];
-        file.read_exact(&mut data)?;
+        file.read_exact_at(&mut data, offset)
+            .map_err(ContentError::io("read", &path))?;
         Ok((data, blob.size))
     }
 
-    /// Starts or resumes an ingest; returns its offset and whether the
-    /// expected blob exists already in this namespace or on disk.
-    pub fn open_ingest(
+    /// The file and ingest steps of a commit, under the digest's lock
+    /// (held by the caller): a namespace that holds the blob needs no
+    /// bytes (any ingest under `reference` is dropped); otherwise the
+    /// ingest is verified against `digest` and `sizes` (each when not 0)
+    /// and placed. [`Store::record_commit`] then writes the records.
+    ///
+    /// `NotFound` when the namespace neither holds the blob nor has the
+    /// ingest; `InvalidArgument` for a size or digest mismatch.
+    pub fn place(
         &self,
         namespace: &str,
         reference: &str,
-        meta: &IngestMeta,
-    ) -> Result<(i64, bool)> {
-        check_ref(reference)?;
-        if !meta.expected_digest.is_empty() {
-            check_digest(&meta.expected_digest)?;
-            if self.blob_path(&meta.expected_digest)?.exists() {
-                return Ok((0, true));
-            }
+        digest: &Digest,
+        sizes: &[u64],
+    ) -> Result<Committed> {
+        if let Some(blob) = self.held(namespace, digest)? {
+            check_sizes(digest, &blob, sizes)?;
+            self.ingests.drop_if_any(namespace, reference);
+            return Ok(Committed {
+                size: blob.size,
+                reused: true,
+            });
         }
-        let dir = self.ingest_dir(namespace, reference);
-        std::fs::create_dir_all(&dir)?;
-        let meta_path = dir.join("meta.json");
-        if !meta_path.exists() {
-            write_atomic(&meta_path, &serde_json::to_vec(meta).map_err(json_error)?)?;
+        let blob = self.path_of(digest);
+        match self
+            .ingests
+            .commit(namespace, reference, digest, sizes, &blob)?
+        {
+            Some(placed) => Ok(Committed {
+                size: placed.size,
+                reused: !placed.stored,
+            }),
+            None => Err(ContentError::NothingToCommit {
+                digest: digest.to_string(),
+                reference: reference.to_string(),
+            }),
         }
-        let data = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("data"))?;
-        Ok((data.metadata()?.len() as i64, false))
     }
 
-    /// Writes bytes at `offset` of an ingest; the offset must be at or
-    /// before its end (a repeat of an earlier chunk is harmless).
-    pub fn write(&self, namespace: &str, reference: &str, offset: i64, data: &[u8]) -> Result<i64> {
-        check_ref(reference)?;
-        let path = self.ingest_dir(namespace, reference).join("data");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|_| Error::not_found(format!("ingest {reference:?} not found")))?;
-        let end = file.metadata()?.len() as i64;
-        if offset < 0 || offset > end {
-            return Err(Error::invalid(format!(
-                "write to ingest {reference:?} at offset {offset}, but it holds {end} bytes"
-            )));
-        }
-        file.seek(SeekFrom::Start(offset as u64))?;
-        file.write_all(data)?;
-        Ok(end.max(offset + data.len() as i64))
-    }
-
-    /// The ingest's expectations and current length.
-    pub fn ingest_status(&self, namespace: &str, reference: &str) -> Result<(IngestMeta, i64)> {
-        check_ref(reference)?;
-        let dir = self.ingest_dir(namespace, reference);
-        let raw = std::fs::read(dir.join("meta.json"))
-            .map_err(|_| Error::not_found(format!("ingest {reference:?} not found")))?;
-        let meta: IngestMeta = serde_json::from_slice(&raw).map_err(json_error)?;
-        let offset = std::fs::metadata(dir.join("data"))
-            .map(|m| m.len() as i64)
-            .unwrap_or(0);
-        Ok((meta, offset))
-    }
-
-    /// Every ingest of the namespace.
-    pub fn ingests(&self, namespace: &str) -> Result<Vec<(String, IngestMeta, i64)>> {
-        let dir = self.root.join("ingest").join(namespace);
-        let mut out = Vec::new();
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(out);
-        };
-        for entry in entries.flatten() {
-            let reference = entry.file_name().to_string_lossy().into_owned();
-            if let Ok((meta, offset)) = self.ingest_status(namespace, &reference) {
-                out.push((reference, meta, offset));
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
-    }
-
-    /// Drops an ingest.
-    pub fn abort(&self, namespace: &str, reference: &str) -> Result<()> {
-        check_ref(reference)?;
-        let dir = self.ingest_dir(namespace, reference);
-        if !dir.exists() {
-            return Err(Error::not_found(format!("ingest {reference:?} not found")));
-        }
-        std::fs::remove_dir_all(dir)?;
-        Ok(())
-    }
-
-    /// Verifies an ingest against `digest` and `size` and moves it into
-    /// `blobs/`; a mismatch discards the ingest. When the blob is on disk
-    /// already the ingest is dropped and nothing is stored twice. Returns the
-    /// size. The caller records the owner afterwards, under the digest lock.
-    pub fn verify_and_place(
-        &self,
-        namespace: &str,
-        reference: &str,
-        digest: &str,
-        size: i64,
-    ) -> Result<i64> {
-        let dir = self.ingest_dir(namespace, reference);
-        let data = dir.join("data");
-        let target = self.blob_path(digest)?;
-        if !data.exists() {
-            if target.exists() {
-                return Ok(std::fs::metadata(&target)?.len() as i64);
-            }
-            return Err(Error::not_found(format!("ingest {reference:?} not found")));
-        }
-        let verified = verify_file(&data, digest, size);
-        if let Err(err) = verified {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(err);
-        }
-        let actual = std::fs::metadata(&data)?.len() as i64;
-        if target.exists() {
-            std::fs::remove_dir_all(&dir)?;
-            return Ok(actual);
-        }
-        std::fs::File::open(&data)?.sync_all()?;
-        let mut permissions = std::fs::metadata(&data)?.permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o444);
-        std::fs::set_permissions(&data, permissions)?;
-        std::fs::rename(&data, &target)?;
-        sync_dir(target.parent().unwrap_or(&self.root))?;
-        std::fs::remove_dir_all(&dir)?;
-        Ok(actual)
-    }
-
-    /// Records that `namespace` holds `digest` (a commit or a reuse): stamps
-    /// its touched time, sets labels, queues `content.commit`.
+    /// Records that `namespace` holds `digest`, whose bytes are in place:
+    /// stamps its touched time, merges `labels` and queues `content.commit`,
+    /// in the caller's transaction.
     pub fn record_commit(
         &self,
-        txn: &mut heed::RwTxn,
+        txn: &mut RwTxn,
         namespace: &str,
-        digest: &str,
-        size: i64,
+        digest: &Digest,
+        committed: Committed,
         labels: &BTreeMap<String, String>,
     ) -> Result<(BlobRecord, OwnerRecord)> {
         let now = now_nanos();
-        let blob = match self.blobs.get(txn, digest)? {
-            Some(raw) => decode(raw)?,
-            None => BlobRecord { size, created: now },
-        };
-        let key = owner_key(namespace, digest);
-        let mut owner: OwnerRecord = match self.owners.get(txn, &key)? {
-            Some(raw) => decode(raw)?,
-            None => OwnerRecord {
-                created: now,
-                ..Default::default()
-            },
+        let key = digest.as_str();
+        let mut blob = self.schema.blob(txn, key)?.unwrap_or(BlobRecord {
+            size: committed.size,
+            created: now,
+            owners: 0,
+        });
+        let mut owner = match self.schema.owner(txn, namespace, key)? {
+            Some(owner) => owner,
+            None => {
+                blob.owners += 1;
+                OwnerRecord {
+                    created: now,
+                    ..Default::default()
+                }
+            }
         };
         owner.touched = now;
         if !labels.is_empty() {
             owner.labels.extend(labels.clone());
             owner.updated = now;
         }
-        self.blobs.put(txn, digest, &encode(&blob)?)?;
-        self.owners.put(txn, &key, &encode(&owner)?)?;
-        let event = berth_proto::content::ContentEvent {
-            digest: digest.to_string(),
-            size: blob.size,
+        self.schema.put_blob(txn, key, &blob)?;
+        self.schema.put_owner(txn, namespace, key, &owner)?;
+
+        let event = ContentEvent {
+            digest: key.to_string(),
+            size: blob.size as i64,
+            reused: committed.reused,
+            freed: false,
         };
-        self.outbox
-            .push(txn, namespace, "content.commit", 0, &event)?;
+        self.push(txn, namespace, events::COMMIT, &event)?;
         Ok((blob, owner))
+    }
+
+    /// The namespace's labels of a blob; `NotFound` when it holds none.
+    pub fn labels(
+        &self,
+        txn: &RwTxn,
+        namespace: &str,
+        digest: &Digest,
+    ) -> Result<BTreeMap<String, String>> {
+        let owner = self.schema.owner(txn, namespace, digest.as_str())?;
+        let owner = owner.ok_or_else(|| ContentError::BlobNotFound {
+            digest: digest.to_string(),
+        })?;
+        Ok(owner.labels)
     }
 
     /// Replaces the namespace's labels of a blob.
     pub fn update_labels(
         &self,
-        txn: &mut heed::RwTxn,
+        txn: &mut RwTxn,
         namespace: &str,
-        digest: &str,
+        digest: &Digest,
         labels: BTreeMap<String, String>,
     ) -> Result<(BlobRecord, OwnerRecord)> {
-        let key = owner_key(namespace, digest);
-        let mut owner: OwnerRecord = decode(
-            self.owners
-                .get(txn, &key)?
-                .ok_or_else(|| Error::not_found(format!("blob {digest} not found")))?,
-        )?;
-        let blob: BlobRecord = decode(
-            self.blobs
-                .get(txn, digest)?
-                .ok_or_else(|| Error::not_found(digest))?,
-        )?;
+        let key = digest.as_str();
+        let not_found = || ContentError::BlobNotFound {
+            digest: digest.to_string(),
+        };
+        let mut owner = self
+            .schema
+            .owner(txn, namespace, key)?
+            .ok_or_else(not_found)?;
+        let blob = self.schema.blob(txn, key)?.ok_or_else(not_found)?;
         owner.labels = labels;
         owner.updated = now_nanos();
-        self.owners.put(txn, &key, &encode(&owner)?)?;
+        self.schema.put_owner(txn, namespace, key, &owner)?;
         Ok((blob, owner))
     }
 
-    /// The namespace's labels of a blob as they are now.
-    pub fn labels(
-        &self,
-        txn: &heed::RwTxn,
-        namespace: &str,
-        digest: &str,
-    ) -> Result<BTreeMap<String, String>> {
-        let raw = self
-            .owners
-            .get(txn, &owner_key(namespace, digest))?
-            .ok_or_else(|| Error::not_found(format!("blob {digest} not found")))?;
-        Ok(decode::<OwnerRecord>(raw)?.labels)
-    }
-
-    /// Drops the namespace's hold on a blob unless it was touched at or after
-    /// `unless_touched_since` (0: unconditionally). Returns whether it was
-    /// dropped and the path to unlink when no namespace holds it any more;
-    /// the caller unlinks after the transaction commits.
+    /// Drops the namespace's hold on a blob unless it was touched at or
+    /// after `unless_touched_since` (0: unconditionally), under the
+    /// digest's lock (held by the caller), and queues `content.delete`.
+    /// When no namespace holds the blob any more its record goes too, and
+    /// the caller unlinks [`Dropped::unlink`] after the commit.
+    ///
+    /// `NotFound` when the namespace holds no such blob. One lookup of the
+    /// owner and one of the blob, whatever the number of blobs.
     pub fn drop_owner(
         &self,
-        txn: &mut heed::RwTxn,
+        txn: &mut RwTxn,
         namespace: &str,
-        digest: &str,
+        digest: &Digest,
         unless_touched_since: u64,
-    ) -> Result<(bool, Option<(PathBuf, i64)>)> {
-        let key = owner_key(namespace, digest);
-        let Some(raw) = self.owners.get(txn, &key)? else {
-            return Err(Error::not_found(format!("blob {digest} not found")));
-        };
-        let owner: OwnerRecord = decode(raw)?;
-        if unless_touched_since > 0 && owner.touched >= unless_touched_since as i64 {
-            return Ok((false, None));
-        }
-        self.owners.delete(txn, &key)?;
-        let size = match self.blobs.get(txn, digest)? {
-            Some(raw) => decode::<BlobRecord>(raw)?.size,
-            None => 0,
-        };
-        let event = berth_proto::content::ContentEvent {
+    ) -> Result<Dropped> {
+        let key = digest.as_str();
+        let not_found = || ContentError::BlobNotFound {
             digest: digest.to_string(),
-            size,
         };
-        self.outbox
-            .push(txn, namespace, "content.delete", 0, &event)?;
-        if self.any_owner(txn, digest)? {
-            return Ok((true, None));
+        let owner = self
+            .schema
+            .owner(txn, namespace, key)?
+            .ok_or_else(not_found)?;
+        let blob = self.schema.blob(txn, key)?;
+        let size = blob.as_ref().map_or(0, |blob| blob.size);
+        let touched = u64::try_from(owner.touched).unwrap_or(0);
+        if unless_touched_since > 0 && touched >= unless_touched_since {
+            return Ok(Dropped {
+                deleted: false,
+                unlink: None,
+                size,
+            });
         }
-        self.blobs.delete(txn, digest)?;
-        Ok((true, Some((self.blob_path(digest)?, size))))
-    }
 
-    fn any_owner(&self, txn: &heed::RwTxn, digest: &str) -> Result<bool> {
-        for item in self.owners.iter(txn)? {
-            let (key, _) = item?;
-            if key.split_once('\0').map(|(_, d)| d) == Some(digest) {
-                return Ok(true);
+        self.schema.delete_owner(txn, namespace, key)?;
+        let unlink = match blob {
+            Some(mut blob) if blob.owners > 1 => {
+                blob.owners -= 1;
+                self.schema.put_blob(txn, key, &blob)?;
+                None
             }
+            _ => {
+                self.schema.delete_blob(txn, key)?;
+                Some(self.path_of(digest))
+            }
+        };
+        let event = ContentEvent {
+            digest: key.to_string(),
+            size: size as i64,
+            reused: false,
+            freed: unlink.is_some(),
+        };
+        self.push(txn, namespace, events::DELETE, &event)?;
+        Ok(Dropped {
+            deleted: true,
+            unlink,
+            size,
+        })
+    }
+
+    /// Removes the blob's file when no record names it (what a crash
+    /// between a delete's steps leaves); returns whether there was one.
+    /// Under the digest's lock (held by the caller).
+    pub fn remove_orphan(&self, digest: &Digest) -> Result<bool> {
+        let txn = self.env.read_txn()?;
+        if self.schema.blob(&txn, digest.as_str())?.is_some() {
+            return Ok(false);
         }
-        Ok(false)
-    }
-}
-
-/// Checks a file's size and sha256 against what the caller expects.
-pub fn verify_file(path: &Path, digest: &str, size: i64) -> Result<()> {
-    let mut file = std::fs::File::open(path)?;
-    let actual_size = file.metadata()?.len() as i64;
-    if size > 0 && actual_size != size {
-        return Err(Error::invalid(format!(
-            "size mismatch for {digest}: got {actual_size} bytes, expected {size}"
-        )));
-    }
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
+        drop(txn);
+        let path = self.path_of(digest);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(err) if err.kind() == ErrorKind::NotFound => Ok(false),
+            Err(err) => Err(ContentError::io("remove", path)(err)),
         }
-        hasher.update(&buf[..n]);
     }
-    let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
-    if actual != digest {
-        return Err(Error::invalid(format!(
-            "digest mismatch: content is {actual}, expected {digest}"
-        )));
+
+    /// Queues one event with the next generation.
+    fn push(
+        &self,
+        txn: &mut RwTxn,
+        namespace: &str,
+        topic: &str,
+        event: &ContentEvent,
+    ) -> Result<()> {
+        let generation = self.schema.next_generation(txn)?;
+        self.outbox
+            .push(txn, namespace, topic, generation, event)
+            .map_err(ContentError::bus("outbox"))
     }
-    Ok(())
 }
 
-fn owner_key(namespace: &str, digest: &str) -> String {
-    format!("{namespace}\0{digest}")
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(raw: &[u8]) -> Result<T> {
-    serde_json::from_slice(raw).map_err(json_error)
-}
-
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(json_error)
-}
-
-fn json_error(err: serde_json::Error) -> Error {
-    Error::internal(format!("stored record: {err}"))
-}
-
-fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(data)?;
-    file.sync_all()?;
-    std::fs::rename(tmp, path)?;
-    Ok(())
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+/// A held blob's size against the sizes a commit or open names.
+pub(crate) fn check_sizes(digest: &Digest, blob: &BlobRecord, sizes: &[u64]) -> Result<()> {
+    match sizes.iter().find(|&&size| size > 0 && size != blob.size) {
+        Some(&expected) => Err(ContentError::SizeMismatch {
+            digest: digest.to_string(),
+            expected,
+            actual: blob.size,
+        }),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use sha2::{Digest as _, Sha256};
+
     use super::*;
 
-    #[test]
-    fn digests_are_checked() {
-        let good = format!("sha256:{}", "a".repeat(64));
-        assert!(check_digest(&good).is_ok());
-        let bad = [
-            format!("sha256:{}", "A".repeat(64)),
-            format!("sha512:{}", "a".repeat(64)),
-            format!("sha256:{}", "a".repeat(63)),
-            "sha256".to_string(),
-            format!("sha256:{}", "g".repeat(64)),
-        ];
-        for digest in bad {
-            assert!(check_digest(&digest).is_err(), "{digest}");
-        }
-        assert!(check_digest(&format!("sha512:{}", "a".repeat(64)))
-            .unwrap_err()
-            .message
-            .contains("unsupported"));
+    fn commit(store: &Store, namespace: &str, data: &[u8]) -> Digest {
+        let digest = Digest::from_sha256(&Sha256::digest(data));
+        let meta = IngestMeta {
+            expected_digest: digest.to_string(),
+            ..Default::default()
+        };
+        let reference = format!("r-{namespace}");
+        store
+            .ingests
+            .open_ingest(namespace, &reference, &meta)
+            .unwrap();
+        store.ingests.write(namespace, &reference, 0, data).unwrap();
+        let committed = store.place(namespace, &reference, &digest, &[]).unwrap();
+        let mut txn = store.env.write_txn().unwrap();
+        store
+            .record_commit(&mut txn, namespace, &digest, committed, &BTreeMap::new())
+            .unwrap();
+        txn.commit().unwrap();
+        digest
     }
 
-    #[test]
-    fn refs_with_path_characters_are_refused() {
-        for reference in ["", "../x", "a/b", ".hidden", "a b", &"x".repeat(201)] {
-            assert!(check_ref(reference).is_err(), "{reference:?}");
+    fn delete(store: &Store, namespace: &str, digest: &Digest, epoch: u64) -> Dropped {
+        let mut txn = store.env.write_txn().unwrap();
+        let dropped = store
+            .drop_owner(&mut txn, namespace, digest, epoch)
+            .unwrap();
+        txn.commit().unwrap();
+        if let Some(path) = &dropped.unlink {
+            std::fs::remove_file(path).unwrap();
         }
-        check_ref("import-sha256:abc@1").unwrap();
+        dropped
+    }
+
+    /// Owners are counted: the bytes stay until the last namespace lets
+    /// go, and a blob touched since the epoch stays.
+    #[test]
+    fn the_last_owner_frees_the_bytes() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let digest = commit(&store, "a", b"shared");
+        assert_eq!(commit(&store, "b", b"shared"), digest);
+        let path = store.path_of(&digest);
+
+        let kept = delete(&store, "a", &digest, now_nanos() as u64 - 60_000_000_000);
+        assert!(!kept.deleted);
+        let first = delete(&store, "a", &digest, 0);
+        assert!(first.deleted && first.unlink.is_none());
+        assert!(path.exists());
+        assert_eq!(store.held("b", &digest).unwrap().unwrap().owners, 1);
+        let last = delete(&store, "b", &digest, now_nanos() as u64);
+        assert_eq!(last.unlink.as_deref(), Some(path.as_path()));
+        assert!(!path.exists());
+        assert!(store.list("b").unwrap().is_empty());
+    }
+
+    /// At start-up a blob file no record names is removed and a recorded
+    /// one is kept; a delete of an unrecorded digest removes its file too.
+    #[test]
+    fn files_no_record_names_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let digest = {
+            let store = Store::open(root.path()).unwrap();
+            commit(&store, "a", b"kept")
+        };
+        let orphan = Digest::from_sha256(&Sha256::digest(b"orphan"));
+        let blobs = root.path().join("blobs/sha256");
+        std::fs::write(blobs.join(orphan.hex()), b"orphan").unwrap();
+
+        let store = Store::open(root.path()).unwrap();
+        let recovered = store.recover().unwrap();
+        assert_eq!(
+            recovered,
+            Recovered {
+                orphans: 1,
+                missing: 0
+            }
+        );
+        assert!(store.path_of(&digest).exists());
+        assert!(!blobs.join(orphan.hex()).exists());
+
+        std::fs::write(blobs.join(orphan.hex()), b"orphan").unwrap();
+        assert!(store.remove_orphan(&orphan).unwrap());
+        assert!(!store.remove_orphan(&digest).unwrap());
+        assert!(store.path_of(&digest).exists());
     }
 }
