@@ -1,31 +1,51 @@
-//! berth's metadata service: the source of truth for images, containers,
-//! leases and task reservations, and the roots gc collects from.
+//! berth's metadata service: the source of truth for namespaces, images,
+//! containers, leases and task reservations, and the roots gc collects from.
 //!
 //! Subjects: `berth.v1.<namespace>.metadata.<group>.<op>`; the messages are in
-//! `proto/berth/v1/metadata.proto`, the database is drawn in [`store`]. Task
-//! events are read in order from the event stream and applied with the
-//! consumer's cursor in the same transaction.
+//! `proto/berth/v1/metadata.proto`, the database is drawn in [`schema`].
+//!
+//! - Every op acts on its subject's namespace only (keys are prefixed by it),
+//!   except the operator's `namespaces.list` and `gc.mark`.
+//! - A namespace's record is made by `namespaces.create` or by the first
+//!   image, container or lease created in it; every namespace a change was
+//!   ever written to stays in gc's list after its record is deleted.
+//! - Changes run on one writer thread ([`writer`]), several to a commit.
+//!   Each request's change, its outbox events and its request id are one
+//!   nested transaction, so a retry returns the first outcome and racing
+//!   changes of the same records are decided one after the other.
+//! - Task events are read in order from the event stream ([`consume`]) and
+//!   applied in batches, with the consumer's cursor in the same transaction
+//!   ([`apply`]).
+//! - Expired leases are removed and publish `leases.expire`
+//!   ([`handlers::leases`]).
 
+pub mod apply;
+pub mod consume;
+pub mod error;
+pub mod events;
+pub mod fields;
 pub mod handlers;
+pub mod schema;
+pub mod selector;
 pub mod store;
+pub mod writer;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use berth_bus::events::{Consumer, Resume};
-use berth_bus::{Result, Service};
+use berth_bus::Service;
 
 use store::Store;
+
+pub use error::MetadataError;
 
 /// What the metadata service needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where the database lives (`<berth root>/metadata`).
+    /// Where the database lives (`<berth root>/metadata`); the environment
+    /// is `<root>/db`.
     pub root: PathBuf,
 }
 
@@ -33,38 +53,68 @@ pub struct Config {
 pub struct MetadataService {
     /// The records.
     pub store: Store,
-}
-
-/// True when `labels` carry every key of `selector` with its value.
-pub fn selects(selector: &HashMap<String, String>, labels: &HashMap<String, String>) -> bool {
-    selector
-        .iter()
-        .all(|(key, value)| labels.get(key) == Some(value))
+    /// The connection, for the event stream and the reconcile's calls to
+    /// task services.
+    pub nats: async_nats::Client,
 }
 
 /// Serves the metadata service until `shutdown` is cancelled.
+///
+/// Errors when the database cannot be opened (or has a newer layout), or
+/// when the event stream or the service cannot be set up on NATS.
 pub async fn run(
     nats: async_nats::Client,
     config: Config,
     shutdown: CancellationToken,
-) -> Result<()> {
+) -> berth_bus::Result<()> {
     let store = Store::open(&config.root.join("db"))?;
-    let svc = Arc::new(MetadataService { store });
     let js = async_nats::jetstream::new(nats.clone());
     berth_bus::events::ensure_stream(&js).await?;
+    let svc = Arc::new(MetadataService {
+        store,
+        nats: nats.clone(),
+    });
 
-    let outbox = svc.store.outbox.clone();
+    // The outbox publisher, the task-event consumer and the lease expiry
+    // run beside the requests.
+    let outbox = svc.store.schema().outbox.clone();
     let publisher = tokio::spawn(outbox.clone().run_publisher(
-        svc.store.env.clone(),
-        js.clone(),
+        svc.store.schema().env.clone(),
+        js,
         shutdown.clone(),
     ));
-    let consumer = tokio::spawn(consume_task_events(svc.clone(), js, shutdown.clone()));
-    let expiry = tokio::spawn(expire_leases(svc.clone(), shutdown.clone()));
+    let consumer = tokio::spawn(consume::run(svc.clone(), shutdown.clone()));
+    let expiry = tokio::spawn(handlers::leases::run_expiry(svc.clone(), shutdown.clone()));
 
-    use handlers::{containers, gc, images, leases, tasks};
-    let serving = Service::new("metadata", env!("CARGO_PKG_VERSION"), svc)
-        .wake_on_reply(outbox.wake())
+    let serving = serve(svc.clone(), outbox.wake()).serve(nats).await?;
+    shutdown.cancelled().await;
+    serving.stop().await;
+    let _ = tokio::join!(publisher, consumer, expiry);
+
+    // The database closes once the last request in flight and the writer let
+    // go of it, so the same root can be opened again in this process.
+    let env = svc.store.schema().env.clone();
+    drop(svc);
+    let closed = tokio::task::spawn_blocking(move || env.prepare_for_closing().wait());
+    if tokio::time::timeout(CLOSE_WAIT, closed).await.is_err() {
+        tracing::warn!("metadata database still in use at shutdown");
+    }
+    Ok(())
+}
+
+/// How long shutdown waits for the database to close.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The service and its ops, one endpoint group per file of [`handlers`].
+fn serve(svc: Arc<MetadataService>, wake: Arc<tokio::sync::Notify>) -> Service<MetadataService> {
+    use handlers::{containers, gc, images, leases, namespaces, tasks};
+    Service::new("metadata", env!("CARGO_PKG_VERSION"), svc)
+        .wake_on_reply(wake)
+        .op("namespaces.create", namespaces::create)
+        .op("namespaces.update", namespaces::update)
+        .op("namespaces.get", namespaces::get)
+        .op("namespaces.list", namespaces::list)
+        .op("namespaces.delete", namespaces::delete)
         .op("images.create", images::create)
         .op("images.update", images::update)
         .op("images.get", images::get)
@@ -80,103 +130,12 @@ pub async fn run(
         .op("tasks.get", tasks::get)
         .op("tasks.list", tasks::list)
         .op("leases.create", leases::create)
+        .op("leases.get", leases::get)
+        .op("leases.update", leases::update)
         .op("leases.add", leases::add)
+        .op("leases.remove", leases::remove)
         .op("leases.delete", leases::delete)
         .op("leases.list", leases::list)
+        .op("leases.query", leases::query)
         .op("gc.mark", gc::mark)
-        .serve(nats)
-        .await?;
-    shutdown.cancelled().await;
-    serving.stop().await;
-    let _ = tokio::join!(publisher, consumer, expiry);
-    Ok(())
-}
-
-/// Applies task events from the stream until shutdown, starting again from
-/// the stored cursor after any failure.
-async fn consume_task_events(
-    svc: Arc<MetadataService>,
-    js: async_nats::jetstream::Context,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let outcome = tokio::select! {
-            outcome = consume_once(&svc, &js) => outcome,
-            _ = shutdown.cancelled() => return,
-        };
-        if let Err(err) = outcome {
-            tracing::warn!(error = %err, "task event consumer stopped; restarting");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = shutdown.cancelled() => return,
-        }
-    }
-}
-
-async fn consume_once(
-    svc: &Arc<MetadataService>,
-    js: &async_nats::jetstream::Context,
-) -> Result<()> {
-    let filter = format!(
-        "{}.*.{}.tasks.>",
-        berth_bus::subject::PREFIX,
-        berth_bus::subject::EVENTS
-    );
-    let mut consumer = Consumer::new(js, vec![filter]).await?;
-    let stored = {
-        let txn = svc.store.env.read_txn()?;
-        svc.store.cursor(&txn)?
-    };
-    let cursor = match consumer.resume(stored).await? {
-        Resume::Continue(cursor) => cursor,
-        Resume::Reconcile { from, reason } => {
-            // The stream lost events or was replaced: forget which sequences
-            // were applied (they belong to the old stream) and replay what it
-            // holds. Generations still refuse events of old reservations.
-            tracing::warn!(?reason, "event stream changed; reconciling task records");
-            let store = &svc.store;
-            let mut txn = store.env.write_txn()?;
-            for namespace in store.tasks.namespaces(&txn)? {
-                for mut task in store.tasks.list(&txn, &namespace)? {
-                    task.event_version = 0;
-                    store
-                        .tasks
-                        .put(&mut txn, &namespace, &task.container_id.clone(), &task)?;
-                }
-            }
-            store.set_cursor(&mut txn, from)?;
-            txn.commit()?;
-            from
-        }
-    };
-    let mut messages = Box::pin(consumer.messages(cursor).await?);
-    while let Some(delivered) = messages.next().await {
-        let delivered = delivered?;
-        let svc = svc.clone();
-        let topic = delivered.envelope.topic.clone();
-        let applied =
-            tokio::task::spawn_blocking(move || handlers::tasks::apply(&svc.store, &delivered))
-                .await
-                .map_err(|err| berth_bus::Error::internal(err.to_string()))??;
-        tracing::debug!(%topic, applied, "task event");
-    }
-    Ok(())
-}
-
-async fn expire_leases(svc: Arc<MetadataService>, shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.cancelled() => return,
-        }
-        match handlers::leases::expire(&svc.store) {
-            Ok(0) => {}
-            Ok(count) => {
-                svc.store.outbox.wake().notify_one();
-                tracing::info!(count, "leases expired");
-            }
-            Err(err) => tracing::error!(error = %err, "lease expiry failed"),
-        }
-    }
 }

@@ -1,41 +1,62 @@
-//! `gc.mark`: the epoch and every root, read in one transaction.
+//! `gc.mark`: a new epoch, then every root of every namespace in one read.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use berth_bus::{Call, Result};
+use berth_bus::Call;
 use berth_proto::metadata as pb;
 use berth_proto::Timestamp;
 
 use crate::MetadataService;
 
-/// `gc.mark`: a new epoch, then the roots of every namespace as of that
-/// epoch. Objects touched at or after the epoch are kept by the owners'
-/// conditional deletes, so whatever is created after this read is safe.
+/// `gc.mark`: takes a new epoch E (committed first), then reads the roots
+/// of every namespace ever written to in one read transaction begun after
+/// it. A root made before that read is in the reply; an object made after
+/// it is stamped by its owner at or after E, which gc's conditional deletes
+/// keep. Expired leases are not roots, even before they are removed.
+/// Containers come without `spec` and `options`, which gc never reads.
+///
+/// # Limitations
+/// The reply is one message, so the roots of all namespaces must fit the
+/// server's max payload (at the 1 MiB default, some thousands of images and
+/// containers).
 pub(crate) async fn mark(
     svc: Arc<MetadataService>,
     _call: Call,
     _req: pb::MarkRequest,
-) -> Result<pb::MarkReply> {
-    let store = &svc.store;
-    let mut txn = store.env.write_txn()?;
-    let epoch = store.next_epoch(&mut txn)?;
+) -> berth_bus::Result<pb::MarkReply> {
+    let epoch = svc
+        .store
+        .write(|schema, txn| schema.next_epoch(txn))
+        .await?;
+
     let now = Timestamp::now().unix_nanos;
-    let names: BTreeSet<String> = store.all_namespaces(&txn)?.into_iter().collect();
-    let mut namespaces = Vec::new();
-    for namespace in names {
-        namespaces.push(pb::NamespaceRoots {
-            images: store.images.list(&txn, &namespace)?,
-            containers: store.containers.list(&txn, &namespace)?,
-            leases: store
+    let namespaces = svc.store.read(|schema, txn| {
+        let mut out = Vec::new();
+        for namespace in schema.written_namespaces(txn)? {
+            let containers = schema
+                .containers
+                .list(txn, &namespace)?
+                .into_iter()
+                .map(|mut container| {
+                    container.spec = Default::default();
+                    container.options = None;
+                    container
+                })
+                .collect();
+            let leases = schema
                 .leases
-                .list(&txn, &namespace)?
+                .list(txn, &namespace)?
                 .into_iter()
                 .filter(|lease| !super::leases::expired(lease, now))
-                .collect(),
-            namespace,
-        });
-    }
-    txn.commit()?;
+                .collect();
+            out.push(pb::NamespaceRoots {
+                images: schema.images.list(txn, &namespace)?,
+                containers,
+                leases,
+                namespace,
+            });
+        }
+        Ok(out)
+    })?;
     Ok(pb::MarkReply { epoch, namespaces })
 }

@@ -1,34 +1,38 @@
-//! `images.*`: named images.
+//! `images.*`: names pointing at a manifest or index in content.
 
 use std::sync::Arc;
 
-use berth_bus::{Call, Error, Result};
+use berth_bus::Call;
 use berth_proto::metadata::{self as pb, Image, ImageEvent};
 use berth_proto::Timestamp;
 
+use crate::error::{Kind, MetadataError, Result};
+use crate::events::{IMAGES_CREATE, IMAGES_DELETE, IMAGES_UPDATE};
+use crate::fields::{check_labels, Mask};
+use crate::handlers::{check_digest, check_name};
+use crate::schema::MAX_ID_BYTES;
+use crate::selector::Selector;
+use crate::store::ensure_namespace;
 use crate::MetadataService;
 
+/// The fields an update may change, besides labels.
+const MUTABLE: &[&str] = &["target", "config_digest", "chain_id"];
+
+/// Checks what an image record must hold: a name, a target with a digest,
+/// well-formed optional digests, and valid labels.
 fn check(image: &Image) -> Result<()> {
-    if image.name.is_empty()
-        || image.name.len() > 512
-        || image.name.chars().any(char::is_whitespace)
-    {
-        return Err(Error::invalid(format!(
-            "invalid image name {:?}",
-            image.name
-        )));
+    check_name("image name", &image.name, MAX_ID_BYTES)?;
+    let target = image.target.as_ref().ok_or_else(|| {
+        MetadataError::invalid("image", &image.name, "it has no target descriptor")
+    })?;
+    check_digest("image target digest", &target.digest)?;
+    if !image.config_digest.is_empty() {
+        check_digest("image config digest", &image.config_digest)?;
     }
-    let target = image
-        .target
-        .as_ref()
-        .ok_or_else(|| Error::invalid(format!("image {} has no target", image.name)))?;
-    if !target.digest.starts_with("sha256:") {
-        return Err(Error::invalid(format!(
-            "image {} target digest {:?} is malformed",
-            image.name, target.digest
-        )));
+    if !image.chain_id.is_empty() {
+        check_digest("image chain id", &image.chain_id)?;
     }
-    Ok(())
+    check_labels(&image.labels)
 }
 
 fn event(image: &Image) -> ImageEvent {
@@ -47,117 +51,110 @@ pub(crate) async fn create(
     svc: Arc<MetadataService>,
     call: Call,
     req: pb::CreateImageRequest,
-) -> Result<pb::ImageReply> {
+) -> berth_bus::Result<pb::ImageReply> {
     let mut image = req
         .image
-        .ok_or_else(|| Error::invalid("no image in request"))?;
+        .ok_or_else(|| MetadataError::invalid("request", "", "it has no image"))?;
     check(&image)?;
-    let store = &svc.store;
-    store.mutate(&call, |txn| {
-        if store
-            .images
-            .get(txn, call.namespace(), &image.name)?
-            .is_some()
-        {
-            return Err(Error::already_exists(format!(
-                "image {} already exists",
-                image.name
-            )));
-        }
-        let now = Timestamp::now();
-        image.created_at = Some(now);
-        image.updated_at = Some(now);
-        image.generation = 1;
-        store
-            .images
-            .put(txn, call.namespace(), &image.name, &image)?;
-        store.outbox.push(
-            txn,
-            call.namespace(),
-            "images.create",
-            image.generation,
-            &event(&image),
-        )?;
-        Ok(pb::ImageReply { image: Some(image) })
-    })
+    if let Some(target) = &image.target {
+        call.record("digest", &target.digest);
+    }
+
+    let namespace = call.namespace().to_string();
+    let reply = svc
+        .store
+        .mutate(&call, move |schema, txn| {
+            if schema.images.get(txn, &namespace, &image.name)?.is_some() {
+                return Err(MetadataError::exists(Kind::Image, &image.name));
+            }
+            ensure_namespace(schema, txn, &namespace)?;
+            let now = Timestamp::now();
+            image.created_at = Some(now);
+            image.updated_at = Some(now);
+            image.generation = 1;
+            schema.images.put(txn, &namespace, &image.name, &image)?;
+            schema
+                .outbox
+                .push(txn, &namespace, IMAGES_CREATE, 1, &event(&image))?;
+            Ok(pb::ImageReply { image: Some(image) })
+        })
+        .await?;
+    Ok(reply)
 }
 
-/// `images.update`: replaces the masked fields of an existing image.
+/// `images.update`: the masked fields of the image named `image.name`; an
+/// empty mask replaces target, digests and labels.
 pub(crate) async fn update(
     svc: Arc<MetadataService>,
     call: Call,
     req: pb::UpdateImageRequest,
-) -> Result<pb::ImageReply> {
+) -> berth_bus::Result<pb::ImageReply> {
     let new = req
         .image
-        .ok_or_else(|| Error::invalid("no image in request"))?;
-    check(&new)?;
-    let store = &svc.store;
-    store.mutate(&call, |txn| {
-        let mut image = store.images.require(txn, call.namespace(), &new.name)?;
-        let all = req.field_mask.is_empty();
-        for field in ["target", "labels", "config_digest", "chain_id"] {
-            if !all && !req.field_mask.iter().any(|f| f == field) {
-                continue;
+        .ok_or_else(|| MetadataError::invalid("request", "", "it has no image"))?;
+    let mask = Mask::parse(Kind::Image, &new.name, &req.field_mask, MUTABLE, &["name"])?;
+    check_name("image name", &new.name, MAX_ID_BYTES)?;
+    check_labels(&new.labels)?;
+
+    let namespace = call.namespace().to_string();
+    let reply = svc
+        .store
+        .mutate(&call, move |schema, txn| {
+            let mut image = schema.images.require(txn, &namespace, &new.name)?;
+            if mask.has("target") {
+                image.target = new.target.clone();
             }
-            match field {
-                "target" => image.target = new.target.clone(),
-                "labels" => image.labels = new.labels.clone(),
-                "config_digest" => image.config_digest = new.config_digest.clone(),
-                _ => image.chain_id = new.chain_id.clone(),
+            if mask.has("config_digest") {
+                image.config_digest = new.config_digest.clone();
             }
-        }
-        if let Some(field) = req
-            .field_mask
-            .iter()
-            .find(|f| !["target", "labels", "config_digest", "chain_id"].contains(&f.as_str()))
-        {
-            return Err(Error::invalid(format!("unknown field {field:?} in mask")));
-        }
-        image.updated_at = Some(Timestamp::now());
-        image.generation += 1;
-        store
-            .images
-            .put(txn, call.namespace(), &image.name, &image)?;
-        store.outbox.push(
-            txn,
-            call.namespace(),
-            "images.update",
-            image.generation,
-            &event(&image),
-        )?;
-        Ok(pb::ImageReply { image: Some(image) })
-    })
+            if mask.has("chain_id") {
+                image.chain_id = new.chain_id.clone();
+            }
+            mask.apply_labels(&mut image.labels, &new.labels);
+            check(&image)?;
+            image.updated_at = Some(Timestamp::now());
+            image.generation += 1;
+            schema.images.put(txn, &namespace, &image.name, &image)?;
+            schema.outbox.push(
+                txn,
+                &namespace,
+                IMAGES_UPDATE,
+                image.generation,
+                &event(&image),
+            )?;
+            Ok(pb::ImageReply { image: Some(image) })
+        })
+        .await?;
+    Ok(reply)
 }
 
-/// `images.get`.
+/// `images.get`: `NotFound` when the name is not recorded.
 pub(crate) async fn get(
     svc: Arc<MetadataService>,
     call: Call,
     req: pb::GetImageRequest,
-) -> Result<pb::ImageReply> {
-    let txn = svc.store.env.read_txn()?;
+) -> berth_bus::Result<pb::ImageReply> {
     let image = svc
         .store
-        .images
-        .require(&txn, call.namespace(), &req.name)?;
+        .read(|schema, txn| schema.images.require(txn, call.namespace(), &req.name))?;
     Ok(pb::ImageReply { image: Some(image) })
 }
 
-/// `images.list`.
+/// `images.list`: the namespace's images that match, by name.
 pub(crate) async fn list(
     svc: Arc<MetadataService>,
     call: Call,
     req: pb::ListImagesRequest,
-) -> Result<pb::ListImagesReply> {
-    let txn = svc.store.env.read_txn()?;
-    let images = svc
-        .store
-        .images
-        .list(&txn, call.namespace())?
-        .into_iter()
-        .filter(|image| crate::selects(&req.label_selector, &image.labels))
-        .collect();
+) -> berth_bus::Result<pb::ListImagesReply> {
+    let selector = Selector::parse(&req.label_selector, &req.selector)?;
+    let images = svc.store.read(|schema, txn| {
+        Ok(schema
+            .images
+            .list(txn, call.namespace())?
+            .into_iter()
+            .filter(|image| selector.matches(&image.labels))
+            .collect())
+    })?;
     Ok(pb::ListImagesReply { images })
 }
 
@@ -166,19 +163,22 @@ pub(crate) async fn delete(
     svc: Arc<MetadataService>,
     call: Call,
     req: pb::DeleteImageRequest,
-) -> Result<pb::DeleteReply> {
-    let store = &svc.store;
-    let reply = store.mutate(&call, |txn| {
-        let image = store.images.require(txn, call.namespace(), &req.name)?;
-        store.images.delete(txn, call.namespace(), &req.name)?;
-        store.outbox.push(
-            txn,
-            call.namespace(),
-            "images.delete",
-            image.generation + 1,
-            &event(&image),
-        )?;
-        Ok(pb::DeleteReply {})
-    })?;
+) -> berth_bus::Result<pb::DeleteReply> {
+    let namespace = call.namespace().to_string();
+    let reply = svc
+        .store
+        .mutate(&call, move |schema, txn| {
+            let image = schema.images.require(txn, &namespace, &req.name)?;
+            schema.images.delete(txn, &namespace, &req.name)?;
+            schema.outbox.push(
+                txn,
+                &namespace,
+                IMAGES_DELETE,
+                image.generation + 1,
+                &event(&image),
+            )?;
+            Ok(pb::DeleteReply {})
+        })
+        .await?;
     Ok(reply)
 }
