@@ -5,6 +5,7 @@ use std::sync::Arc;
 use berth_bus::{Call, Result};
 use berth_proto::gc as pb;
 
+use crate::mark::is_digest;
 use crate::GcService;
 
 /// `run`: collects now and answers with what went; waits for a run in
@@ -17,4 +18,21 @@ pub(crate) async fn run(
     req: pb::RunRequest,
 ) -> Result<pb::GcDone> {
     svc.collect_now(call.namespace(), req.dry_run).await
+}
+
+/// `explain`: why a blob or snapshot of the subject's namespace stays, or
+/// that it goes; `InvalidArgument` for an empty or malformed object or node.
+/// Read-only, so a retry is harmless.
+pub(crate) async fn explain(
+    svc: Arc<GcService>,
+    call: Call,
+    req: pb::ExplainRequest,
+) -> Result<pb::ExplainReply> {
+    let field = match is_digest(&req.object) {
+        true => "digest",
+        false => "snapshot_key",
+    };
+    call.record(field, &req.object);
+
+    Ok(svc.explain(call.namespace(), req).await?)
 }

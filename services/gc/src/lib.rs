@@ -4,21 +4,36 @@
 //! (`gc.mark`), derives each namespace's live set by reading manifests,
 //! indexes and configs from content ([`mark`]), then asks the owners of the
 //! bytes to drop the rest unless touched since the epoch: content per blob,
-//! and every node's snapshot service in one prune per namespace. Content and
+//! and every known node's snapshot service in one prune per namespace,
+//! which keeps the parents of what it is told is live. Content and
 //! snapshot holds are per namespace, so each namespace is marked and swept
 //! on its own; bytes leave the disk when no namespace holds them.
 //!
-//! Subjects: `berth.v1.<namespace>.gc.run` (`proto/berth/v1/gc.proto`). A
-//! run publishes `gc.done`. Runs start on request, after deletion events and
-//! on a timer ([`Config::interval`]).
+//! Subjects: `berth.v1.<namespace>.gc.run` and `gc.explain`
+//! (`proto/berth/v1/gc.proto`). A run publishes `gc.done`. Runs start on
+//! request, after a root is deleted or a lease expires (debounced, see
+//! `schedule`), when a snapshot node joins, and on a timer
+//! ([`Config::interval`]). [`explain`] answers why one blob or snapshot
+//! stays, walking the same edges.
+//!
+//! # Limitations
+//!
+//! The protocol keeps what is created or reused while a run marks: the
+//! owners stamp those objects, and imports hold leases. A root made later
+//! that refers to objects already stored without touching them or holding
+//! them in a lease (a second image record for a target, a container record
+//! for an image removed meanwhile) is not covered: the run that marked just
+//! before it may take those objects.
 
 pub mod chain;
 pub mod error;
 pub mod events;
+pub mod explain;
 pub mod mark;
 
 mod convert;
 mod handlers;
+mod nodes;
 mod remote;
 mod schedule;
 mod sweep;
@@ -36,6 +51,7 @@ use berth_proto::gc::GcDone;
 
 use error::GcError;
 use mark::Graph;
+use nodes::Nodes;
 use remote::Remote;
 use sweep::Sweep;
 
@@ -67,6 +83,8 @@ pub struct GcService {
     /// How many runs have started; read without the lock to tell whether a
     /// later run started after a caller arrived.
     started: AtomicU64,
+    /// The snapshot nodes to prune.
+    nodes: Arc<Nodes>,
 }
 
 /// What lives across runs.
@@ -78,12 +96,14 @@ struct Runs {
 }
 
 impl GcService {
-    fn new(client: Client, js: jetstream::Context) -> Self {
+    /// The service; nodes found new send on `trigger`.
+    fn new(client: Client, js: jetstream::Context, trigger: mpsc::Sender<()>) -> Self {
         GcService {
             remote: Remote::new(client),
             js,
             runs: Mutex::new(Runs::default()),
             started: AtomicU64::new(0),
+            nodes: Arc::new(Nodes::new(trigger)),
         }
     }
 
@@ -113,7 +133,7 @@ impl GcService {
 
         let run = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let outcome = self
-            .collect(&mut runs.graph, namespace, dry_run)
+            .collect(&mut runs, namespace, dry_run)
             .await
             .map_err(Error::from);
         if !dry_run {
@@ -123,55 +143,53 @@ impl GcService {
     }
 
     /// One run: mark, derive every live set, sweep, publish `gc.done`.
+    ///
+    /// The snapshot nodes pruned are those known when the run starts (see
+    /// [`nodes`]); only a run that knows none waits for discovery.
     async fn collect(
         &self,
-        graph: &mut Graph,
+        runs: &mut Runs,
         namespace: &str,
         dry_run: bool,
     ) -> Result<GcDone, GcError> {
         let started = Instant::now();
-        let mark = self.remote.mark(namespace).await.map_err(GcError::Mark)?;
+        let known = self.nodes.known();
+        let (mark, nodes) = if known.is_empty() {
+            tokio::join!(
+                self.remote.mark(namespace),
+                self.nodes.discover(&self.remote)
+            )
+        } else {
+            self.nodes.refresh(&self.remote);
+            (self.remote.mark(namespace).await, known)
+        };
+        let mark = mark.map_err(GcError::Mark)?;
 
         // Every live set is known before anything is deleted: a namespace
         // whose manifests cannot be read fails the run, not its sweep.
         let mut live_sets = Vec::with_capacity(mark.namespaces.len());
         for roots in &mark.namespaces {
             let roots = convert::roots(roots);
-            live_sets.push((
-                roots.namespace.clone(),
-                graph.live_set(&self.remote, &roots).await?,
-            ));
+            let live = runs.graph.live_set(&self.remote, &roots).await?;
+            live_sets.push((roots.namespace.clone(), live));
         }
-        graph.forget_unreached();
+        runs.graph.forget_unreached();
 
-        let nodes = match self.remote.snapshot_nodes(remote::DISCOVERY_WINDOW).await {
-            Ok(nodes) => nodes,
-            Err(err) => {
-                tracing::warn!(error = %err, "snapshot nodes not discovered; snapshots not pruned");
-                Default::default()
-            }
-        };
         let sweep = Sweep {
             remote: &self.remote,
-            nodes: &nodes,
             epoch: mark.epoch,
             dry_run,
         };
-        let mut namespaces = Vec::new();
-        for (namespace, live) in &live_sets {
-            let result = sweep.namespace(namespace, live).await;
-            if sweep::removed_any(&result) {
-                namespaces.push(result);
-            }
-        }
+        let (results, gone) = sweep.namespaces(&live_sets, &nodes).await;
+        self.nodes.forget(&gone);
 
         let done = GcDone {
             epoch: mark.epoch,
-            namespaces,
+            namespaces: results.into_iter().filter(sweep::removed_any).collect(),
             duration_micros: started.elapsed().as_micros() as u64,
             dry_run,
         };
-        log_done(&done, nodes.len());
+        log_done(&done, nodes.len().saturating_sub(gone.len()));
         // A dry run changes nothing, so it is no event.
         if !dry_run {
             if let Err(err) = events::publish_done(&self.js, &done).await {
@@ -199,7 +217,8 @@ fn log_done(done: &GcDone, nodes: usize) {
 }
 
 /// Serves the gc service on `nats` until `shutdown` is cancelled: the `run`
-/// op, the deletion-event trigger and the timer.
+/// and `explain` ops, the deletion-event trigger, node discovery and the
+/// timer.
 pub async fn run(
     nats: async_nats::Client,
     config: Config,
@@ -208,9 +227,10 @@ pub async fn run(
     let js = jetstream::new(nats.clone());
     berth_bus::events::ensure_stream(&js).await?;
     let client = Client::new(nats.clone(), berth_bus::client::DEFAULT_TIMEOUT);
-    let svc = Arc::new(GcService::new(client, js.clone()));
 
     let (trigger, triggers) = mpsc::channel(1);
+    let svc = Arc::new(GcService::new(client, js.clone(), trigger.clone()));
+    svc.nodes.refresh(&svc.remote);
     let watcher = tokio::spawn(schedule::watch_deletions(js, trigger, shutdown.clone()));
     let interval = config.interval.max(Duration::from_millis(100));
     let scheduler = tokio::spawn(schedule::schedule(
@@ -223,6 +243,7 @@ pub async fn run(
     let serving = Service::new("gc", env!("CARGO_PKG_VERSION"), svc)
         .deadline(RUN_DEADLINE)
         .op("run", handlers::run)
+        .op("explain", handlers::explain)
         .serve(nats)
         .await?;
     shutdown.cancelled().await;

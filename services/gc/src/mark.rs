@@ -158,7 +158,7 @@ pub enum Role {
 
 impl Role {
     /// The role of an index's child.
-    fn of_child(child: &Descriptor) -> Role {
+    pub fn of_child(child: &Descriptor) -> Role {
         let media_type = child.media_type.as_str();
         if media_type.is_empty()
             || media_type::is_index(media_type)
@@ -171,7 +171,7 @@ impl Role {
     }
 
     /// The role of a manifest's config.
-    fn of_config(config: &Descriptor) -> Role {
+    pub fn of_config(config: &Descriptor) -> Role {
         let media_type = config.media_type.as_str();
         if media_type.is_empty() || media_type::is_config(media_type) {
             Role::Config
@@ -280,6 +280,17 @@ impl Graph {
     /// True when the graph holds nothing.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+
+    /// What a blob reached as `role` links to, if it was read and parsed.
+    pub fn get(&self, role: Role, digest: &str) -> Option<&Node> {
+        self.nodes.get(&(role, digest.to_string()))
+    }
+
+    /// Puts a parsed blob in the cache, as if it had been read.
+    #[cfg(test)]
+    pub(crate) fn insert(&mut self, role: Role, digest: &str, node: Node) {
+        self.nodes.insert((role, digest.to_string()), node);
     }
 
     /// Derives the live set of `roots`, reading what the cache lacks from

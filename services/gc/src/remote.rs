@@ -18,6 +18,7 @@ use crate::mark::{BlobSource, MAX_MANIFEST_SIZE};
 pub(crate) const DISCOVERY_WINDOW: Duration = Duration::from_millis(250);
 
 /// The other services, reached over one connection.
+#[derive(Clone)]
 pub(crate) struct Remote {
     client: Client,
 }
@@ -40,6 +41,37 @@ impl Remote {
         let reply: cpb::ListReply = self
             .client
             .call(&subject, &cpb::ListRequest::default())
+            .await?;
+        Ok(reply.infos)
+    }
+
+    /// Whether `namespace` holds blob `digest`.
+    pub(crate) async fn holds_blob(&self, namespace: &str, digest: &str) -> Result<bool> {
+        let subject = subject::op(namespace, "content", "info")?;
+        let request = cpb::InfoRequest {
+            digest: digest.to_string(),
+        };
+        match self
+            .client
+            .call::<_, cpb::InfoReply>(&subject, &request)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(err) if err.code == Code::NotFound => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Every snapshot `namespace` has on `node`, with its parent.
+    pub(crate) async fn list_snapshots(
+        &self,
+        namespace: &str,
+        node: &str,
+    ) -> Result<Vec<spb::Info>> {
+        let subject = subject::node_op(namespace, "snapshot", node, "list")?;
+        let reply: spb::ListReply = self
+            .client
+            .call(&subject, &spb::ListRequest::default())
             .await?;
         Ok(reply.infos)
     }

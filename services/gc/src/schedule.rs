@@ -1,5 +1,6 @@
 //! When gc runs: after a root goes away (an image, container or lease is
-//! deleted, or a lease expires), debounced, and on a timer.
+//! deleted, or a lease expires, which an idle daemon sees too), debounced,
+//! and on a timer.
 //!
 //! The trigger events are read from the end of the stream as it is when gc
 //! starts, with the cursor kept in memory only. A trigger missed across a
@@ -12,6 +13,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use berth_bus::events::{Consumer, Cursor, Resume, STREAM};
@@ -20,9 +22,13 @@ use berth_bus::{Error, Result};
 use crate::events::{trigger_filters, DEFAULT_NAMESPACE};
 use crate::GcService;
 
-/// How long a trigger waits for more triggers before the run starts, so a
-/// burst of deletes (an `image rm` of many images) is one run.
-pub(crate) const DEBOUNCE: Duration = Duration::from_millis(50);
+/// How long the triggers must stay quiet before a run starts, so a burst
+/// of deletes (an `image rm` of many images, a `rm` of many containers) is
+/// one run, while a lone delete is collected almost at once.
+pub(crate) const DEBOUNCE: Duration = Duration::from_millis(10);
+
+/// The longest a steady stream of triggers holds a run back.
+pub(crate) const DEBOUNCE_MAX: Duration = Duration::from_millis(100);
 
 /// Runs gc after each debounced trigger and every `interval`, until shutdown.
 pub(crate) async fn schedule(
@@ -31,18 +37,16 @@ pub(crate) async fn schedule(
     mut triggers: mpsc::Receiver<()>,
     shutdown: CancellationToken,
 ) {
-    let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut timer = tokio::time::interval_at(Instant::now() + interval, interval);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = timer.tick() => {}
             Some(()) = triggers.recv() => {
-                tokio::select! {
-                    _ = tokio::time::sleep(DEBOUNCE) => {}
-                    _ = shutdown.cancelled() => return,
+                if !debounce(&mut triggers, &shutdown).await {
+                    return;
                 }
-                while triggers.try_recv().is_ok() {}
             }
         }
 
@@ -57,6 +61,20 @@ pub(crate) async fn schedule(
             _ = shutdown.cancelled() => return,
         }
         timer.reset();
+    }
+}
+
+/// Waits until no trigger came for [`DEBOUNCE`], or [`DEBOUNCE_MAX`] after
+/// the first; false on shutdown.
+async fn debounce(triggers: &mut mpsc::Receiver<()>, shutdown: &CancellationToken) -> bool {
+    let latest = Instant::now() + DEBOUNCE_MAX;
+    loop {
+        let quiet = (Instant::now() + DEBOUNCE).min(latest);
+        tokio::select! {
+            _ = tokio::time::sleep_until(quiet) => return true,
+            Some(()) = triggers.recv() => {}
+            _ = shutdown.cancelled() => return false,
+        }
     }
 }
 
@@ -130,4 +148,36 @@ async fn stream_end(js: &jetstream::Context) -> Result<Cursor> {
         stream_created: info.created.unix_timestamp_nanos() as i64,
         seq: info.state.last_sequence,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lone trigger waits the quiet period; a steady stream of triggers
+    /// waits at most the longest debounce.
+    #[tokio::test(start_paused = true)]
+    async fn debounce_waits_for_quiet_up_to_a_limit() {
+        let shutdown = CancellationToken::new();
+        let (send, mut triggers) = mpsc::channel(1);
+        let start = Instant::now();
+        assert!(debounce(&mut triggers, &shutdown).await);
+        assert_eq!(start.elapsed(), DEBOUNCE);
+
+        let feeder = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(DEBOUNCE / 2).await;
+                if send.send(()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let start = Instant::now();
+        assert!(debounce(&mut triggers, &shutdown).await);
+        assert_eq!(start.elapsed(), DEBOUNCE_MAX);
+        feeder.abort();
+
+        shutdown.cancel();
+        assert!(!debounce(&mut triggers, &shutdown).await);
+    }
 }

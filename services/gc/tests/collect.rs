@@ -1,7 +1,7 @@
 //! gc against a real nats-server, metadata and content: unreferenced blobs
 //! leave the disk, an image's manifest, config and layer stay until the
-//! image is deleted, snapshot nodes are found and given the live set, and
-//! every run announces itself with `gc.done`.
+//! image is deleted, snapshot nodes are found (also one that joins later)
+//! and given the live set, and every run announces itself with `gc.done`.
 //!
 //! Needs `nats-server` (2.10 or later, with JetStream) on PATH.
 
@@ -150,14 +150,18 @@ async fn wait_for<Req: Message, Rep: Message + Default>(
     }
 }
 
-/// A snapshot service on node `node-t` that records the prunes it gets and
+/// A snapshot service on `node` that records the prunes it gets and
 /// reports one stale snapshot removed; it registers without metadata, so gc
 /// finds the node in its endpoints' subjects.
 type Prunes = Arc<Mutex<Vec<(String, spb::PruneRequest)>>>;
 
-async fn fake_snapshot_service(nats: async_nats::Client, prunes: Prunes) -> Result<Serving> {
+async fn fake_snapshot_service(
+    nats: async_nats::Client,
+    node: &str,
+    prunes: Prunes,
+) -> Result<Serving> {
     let serving = Service::new("snapshot", "0.0.0", prunes)
-        .node(NODE)
+        .node(node)
         .op(
             "prune",
             |prunes: Prunes, call: Call, req: spb::PruneRequest| async move {
@@ -210,7 +214,7 @@ async fn collects_unreferenced_blobs_and_keeps_images() -> Result<()> {
         shutdown.clone(),
     ));
     let prunes = Prunes::default();
-    let _snapshot = fake_snapshot_service(connect("snapshot").await?, prunes.clone()).await?;
+    let _snapshot = fake_snapshot_service(connect("snapshot").await?, NODE, prunes.clone()).await?;
 
     // Content and the image: busybox's three blobs, and one blob no image uses.
     let nats = connect("test").await?;
@@ -334,6 +338,22 @@ async fn collects_unreferenced_blobs_and_keeps_images() -> Result<()> {
     {
         if Instant::now() > deadline {
             bail!("image blobs still on disk after the image was deleted");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A node that joins is found by the discovery a run asks for in the
+    // background, and that discovery triggers the run that prunes it.
+    let joined = Prunes::default();
+    let _second =
+        fake_snapshot_service(connect("snapshot-2").await?, "node-u", joined.clone()).await?;
+    let _: gpb::GcDone = client
+        .call(&run, &gpb::RunRequest { dry_run: false })
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while joined.lock().unwrap().is_empty() {
+        if Instant::now() > deadline {
+            bail!("the node that joined was never pruned");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
