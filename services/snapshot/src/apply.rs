@@ -108,6 +108,29 @@ pub struct Applied {
     pub uncompressed_size: u64,
 }
 
+/// Bounds on what applying one layer may write, checked as the stream is
+/// inflated so that a decompression bomb is refused before it fills the
+/// disk: the writer is at most a few chunks behind the check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerLimits {
+    /// The most bytes the uncompressed tar stream may hold.
+    pub max_size: u64,
+    /// The free bytes the snapshot filesystem must keep; the apply stops
+    /// when the free space falls below it. 0 turns the check off.
+    pub min_free: u64,
+}
+
+impl LayerLimits {
+    /// No bounds.
+    pub const NONE: LayerLimits = LayerLimits {
+        max_size: u64::MAX,
+        min_free: 0,
+    };
+}
+
+/// How many uncompressed bytes pass between two looks at the free space.
+const FREE_CHECK_EVERY: u64 = 64 << 20;
+
 /// Why a layer could not be applied.
 ///
 /// For the wire code: [`ApplyError::is_invalid_input`] is true for the
@@ -171,6 +194,21 @@ pub enum ApplyError {
         /// The name it links to.
         target: String,
     },
+    /// The uncompressed layer is larger than the limit (invalid input): a
+    /// decompression bomb, or a layer this node is set to refuse.
+    #[error("layer inflates past the {limit} byte limit on one layer's uncompressed size")]
+    TooLarge {
+        /// The limit, in bytes.
+        limit: u64,
+    },
+    /// The snapshot filesystem is nearly full (not the layer's fault).
+    #[error("snapshot filesystem has {free} bytes free, under the {reserve} bytes it keeps free")]
+    NoSpace {
+        /// Free bytes when the apply stopped.
+        free: u64,
+        /// The reserve it keeps.
+        reserve: u64,
+    },
     /// A snapshot directory could not be opened (io).
     #[error("failed to open snapshot directory {path}")]
     OpenDir {
@@ -199,7 +237,10 @@ impl ApplyError {
     pub fn is_invalid_input(&self) -> bool {
         !matches!(
             self,
-            ApplyError::Read(_) | ApplyError::OpenDir { .. } | ApplyError::Io { .. }
+            ApplyError::Read(_)
+                | ApplyError::OpenDir { .. }
+                | ApplyError::Io { .. }
+                | ApplyError::NoSpace { .. }
         )
     }
 }
@@ -236,6 +277,22 @@ pub fn apply_layer(
     upper: &Path,
     lowers: &[PathBuf],
 ) -> Result<Applied, ApplyError> {
+    apply_layer_with(layer, compression, upper, lowers, LayerLimits::NONE)
+}
+
+/// [`apply_layer`] within `limits`: [`ApplyError::TooLarge`] as soon as the
+/// uncompressed stream passes `limits.max_size`, [`ApplyError::NoSpace`]
+/// when the snapshot filesystem's free space falls below
+/// `limits.min_free`. Either way `upper` holds part of the layer (at most
+/// the limit and a few chunks), which the caller removes as after any
+/// other failure.
+pub fn apply_layer_with(
+    layer: impl Read,
+    compression: Compression,
+    upper: &Path,
+    lowers: &[PathBuf],
+    limits: LayerLimits,
+) -> Result<Applied, ApplyError> {
     let unpacker = Unpacker::open(upper, lowers)?;
     let mut source = HashingReader::new(layer);
     let (tx, rx) = mpsc::sync_channel(CHANNEL_DEPTH);
@@ -243,7 +300,7 @@ pub fn apply_layer(
     // The writer runs on its own thread so the layer reader need not be Send.
     let (read, written) = thread::scope(|scope| {
         let writer = scope.spawn(move || unpacker.unpack(ChannelReader::new(rx)));
-        let read = pump(&mut source, compression, tx);
+        let read = pump(&mut source, compression, tx, &Guard { limits, upper });
         let written = match writer.join() {
             Ok(written) => written,
             Err(panic) => std::panic::resume_unwind(panic),
@@ -336,11 +393,44 @@ enum PumpError {
     WriterGone,
 }
 
-/// Reads the whole layer, inflates it and sends the tar stream to the writer.
+/// The limits of one apply and the directory whose filesystem they watch.
+struct Guard<'a> {
+    limits: LayerLimits,
+    upper: &'a Path,
+}
+
+impl Guard<'_> {
+    /// Checks the stream after `before` bytes grew to `after`.
+    fn check(&self, before: u64, after: u64) -> Result<(), ApplyError> {
+        if after > self.limits.max_size {
+            return Err(ApplyError::TooLarge {
+                limit: self.limits.max_size,
+            });
+        }
+        let reserve = self.limits.min_free;
+        if reserve > 0 && before / FREE_CHECK_EVERY != after / FREE_CHECK_EVERY {
+            // A failed look is not a reason to stop: the writes would fail
+            // on their own if the filesystem were gone.
+            if let Ok(stat) = nix::sys::statvfs::statvfs(self.upper) {
+                // The counts are narrower than u64 on 32-bit targets.
+                #[allow(clippy::unnecessary_cast)]
+                let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+                if free < reserve {
+                    return Err(ApplyError::NoSpace { free, reserve });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the whole layer, inflates it and sends the tar stream to the
+/// writer, stopping as soon as `guard` refuses the stream's size.
 fn pump<R: Read>(
     source: &mut HashingReader<R>,
     compression: Compression,
     tx: mpsc::SyncSender<Chunk>,
+    guard: &Guard<'_>,
 ) -> Result<Uncompressed, PumpError> {
     let mut buffered = BufReader::with_capacity(CHUNK_SIZE, source);
     let mut diff = Sha256::new();
@@ -357,8 +447,12 @@ fn pump<R: Read>(
             if chunk.is_empty() {
                 return Ok(Ok(()));
             }
+            let grown = size + chunk.len() as u64;
+            if let Err(refused) = guard.check(size, grown) {
+                return Ok(Err(PumpError::Failed(refused)));
+            }
             diff.update(&chunk);
-            size += chunk.len() as u64;
+            size = grown;
             if tx.send(Chunk::Data(chunk)).is_err() {
                 return Ok(Err(PumpError::WriterGone));
             }
@@ -1784,5 +1878,66 @@ mod tests {
             std::fs::read(upper.path().join("file")).unwrap(),
             vec![7u8; 100_000]
         );
+    }
+
+    /// A tar of one file of `size` zeros, streamed without holding it.
+    fn zeros_tar(size: u64) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(size);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, "zeros", io::repeat(0).take(size))
+            .unwrap();
+        builder.into_inner().unwrap()
+    }
+
+    #[test]
+    fn bombs_stop_at_the_size_limit() {
+        let tar = zeros_tar(64 << 20);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::encode_all(tar.as_slice(), 19).unwrap();
+        let limits = LayerLimits {
+            max_size: 4 << 20,
+            min_free: 0,
+        };
+        for (blob, compression) in [(gz, Compression::Gzip), (zst, Compression::Zstd)] {
+            assert!(blob.len() < 1 << 20, "{} bytes", blob.len());
+            let upper = tempfile::tempdir().unwrap();
+            let err = apply_layer_with(blob.as_slice(), compression, upper.path(), &[], limits)
+                .unwrap_err();
+            assert!(
+                matches!(err, ApplyError::TooLarge { limit } if limit == 4 << 20),
+                "{err:?}"
+            );
+            assert!(err.is_invalid_input());
+
+            // The writer stopped within a few chunks of the limit.
+            let written = std::fs::metadata(upper.path().join("zeros"))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            let slack = (CHANNEL_DEPTH as u64 + 2) * CHUNK_SIZE as u64;
+            assert!(written <= (4 << 20) + slack, "{written} bytes written");
+        }
+    }
+
+    #[test]
+    fn a_full_filesystem_stops_the_apply() {
+        let tar = zeros_tar(FREE_CHECK_EVERY + (1 << 20));
+        let upper = tempfile::tempdir().unwrap();
+        let limits = LayerLimits {
+            max_size: u64::MAX,
+            min_free: u64::MAX,
+        };
+        let err = apply_layer_with(tar.as_slice(), Compression::None, upper.path(), &[], limits)
+            .unwrap_err();
+        assert!(matches!(err, ApplyError::NoSpace { .. }), "{err:?}");
+        assert!(!err.is_invalid_input());
     }
 }

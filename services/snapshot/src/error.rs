@@ -106,8 +106,9 @@ pub enum SnapshotError {
         actual: String,
     },
     /// Applying the layer failed: `InvalidArgument` when its bytes are at
-    /// fault, the content service's code when reading it failed, else
-    /// `Internal`.
+    /// fault (a layer over the size cap included), the content service's
+    /// code when reading it failed, `Unavailable` when the filesystem is
+    /// nearly full, else `Internal`.
     #[error("failed to apply layer {digest}")]
     Apply {
         /// The layer's digest.
@@ -231,7 +232,8 @@ impl SnapshotError {
 
 /// A layer's bytes at fault are the caller's; a failed read keeps the code
 /// the content service answered with (the chunk reader carries it in the
-/// `io::Error`); the snapshot filesystem failing is the service's own.
+/// `io::Error`); a nearly full filesystem is `Unavailable`; the snapshot
+/// filesystem failing is the service's own.
 fn apply_code(err: &ApplyError) -> Code {
     if err.is_invalid_input() {
         return Code::InvalidArgument;
@@ -241,6 +243,8 @@ fn apply_code(err: &ApplyError) -> Code {
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<berth_bus::Error>())
             .map_or(Code::Internal, |bus| bus.code),
+        // The node is short of room: another node, or later, may do.
+        ApplyError::NoSpace { .. } => Code::Unavailable,
         _ => Code::Internal,
     }
 }
@@ -248,14 +252,7 @@ fn apply_code(err: &ApplyError) -> Code {
 impl From<SnapshotError> for berth_bus::Error {
     fn from(err: SnapshotError) -> Self {
         // The wire message is the error and its causes, each said once.
-        let mut message = err.to_string();
-        let mut source = std::error::Error::source(&err);
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        berth_bus::Error::new(err.code(), message)
+        berth_bus::Error::with_causes(err.code(), &err)
     }
 }
 

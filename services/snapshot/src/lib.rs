@@ -21,7 +21,6 @@ pub mod convert;
 pub mod error;
 pub mod events;
 mod handlers;
-mod locks;
 pub mod store;
 mod unpack;
 
@@ -41,8 +40,8 @@ use berth_bus::api::Metadata;
 use berth_bus::{Call, Client, Service};
 use berth_proto::metadata as mdpb;
 
+use berth_bus::locks::KeyLocks;
 pub use error::SnapshotError;
-use locks::KeyLocks;
 use store::Store;
 
 /// What the snapshot service needs to run.
@@ -58,6 +57,51 @@ pub struct Config {
     /// then read from `<content_root>/blobs/sha256/<hex>` instead of pulled
     /// over NATS. `None` (the default) always pulls.
     pub content_root: Option<PathBuf>,
+    /// What one unpack may ask of this node.
+    pub limits: Limits,
+}
+
+/// Bounds on the images this node unpacks, so a decompression bomb or an
+/// image of thousands of layers is refused before it fills the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The most bytes one layer's uncompressed tar stream may hold
+    /// (default 32 GiB).
+    pub max_layer_size: u64,
+    /// The most layers one unpack may name (default 128, about what
+    /// overlayfs stacks well; the kernel's own limit is 500).
+    pub max_layers: usize,
+    /// The free bytes an apply keeps on the snapshot filesystem
+    /// (default 256 MiB); 0 turns the check off.
+    pub min_free_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_layer_size: 32 << 30,
+            max_layers: 128,
+            min_free_bytes: 256 << 20,
+        }
+    }
+}
+
+/// A byte count as flags take it: plain, or with a `k`, `m` or `g` suffix
+/// (powers of 1024), as `512m` or `32g`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((at, 'k' | 'K')) => (&text[..at], 10),
+        Some((at, 'm' | 'M')) => (&text[..at], 20),
+        Some((at, 'g' | 'G')) => (&text[..at], 30),
+        _ => (text, 0),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 512m or 32g"))?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// The running service's state, shared by its handlers.
@@ -67,6 +111,7 @@ pub struct SnapshotService {
     client: Client,
     node: String,
     content_root: Option<PathBuf>,
+    limits: Limits,
     chain_locks: KeyLocks,
 }
 
@@ -145,6 +190,7 @@ pub async fn run(
         client: Client::new(nats.clone(), berth_bus::client::DEFAULT_TIMEOUT),
         node: config.node.clone(),
         content_root: config.content_root,
+        limits: config.limits,
         chain_locks: KeyLocks::default(),
     });
     let js = async_nats::jetstream::new(nats.clone());

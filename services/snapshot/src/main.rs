@@ -22,6 +22,15 @@ struct Args {
     /// its files instead of pulling them over NATS.
     #[arg(long)]
     content_root: Option<PathBuf>,
+    /// Largest uncompressed size of one image layer (bytes, or with k, m, g).
+    #[arg(long, default_value = "32g", value_parser = berth_snapshot::parse_size)]
+    max_layer_size: u64,
+    /// Most layers an image may have.
+    #[arg(long, default_value_t = berth_snapshot::Limits::default().max_layers)]
+    max_layers: usize,
+    /// Free space an unpack keeps on the snapshot filesystem (0: no check).
+    #[arg(long, default_value = "256m", value_parser = berth_snapshot::parse_size)]
+    min_free: u64,
 }
 
 #[tokio::main]
@@ -37,6 +46,11 @@ async fn main() -> anyhow::Result<()> {
         root: args.root,
         node: args.node,
         content_root: args.content_root,
+        limits: berth_snapshot::Limits {
+            max_layer_size: args.max_layer_size,
+            max_layers: args.max_layers,
+            min_free_bytes: args.min_free,
+        },
     };
     berth_snapshot::run(nats, config, shutdown).await?;
     berth_bus::trace::shutdown(std::time::Duration::from_secs(2));

@@ -23,9 +23,15 @@
 //! services share the host, else pulled over NATS in chunks with a few in
 //! flight, so memory stays bounded whatever the layer's size.
 //!
+//! What one unpack may ask is bounded by the node's [`crate::Limits`]: a
+//! request of more layers is refused before anything is made, and a layer
+//! that inflates past the cap, or would leave the filesystem nearly full,
+//! stops there and goes like any failed layer.
+//!
 //! # Limitations
 //!
-//! Without a lease, nothing protects a chain ID between its commit and the
+//! The caps bound bytes, not files: a layer of millions of empty files
+//! under the size cap may still use up the filesystem's inodes. Without a lease, nothing protects a chain ID between its commit and the
 //! image record that names it: a gc marking in between may collect it. The
 //! request log entry is written when every layer is done, so a retry of a
 //! request that timed out part-way runs again, reusing the layers already
@@ -71,7 +77,7 @@ pub(crate) async fn unpack(
     call: Call,
     req: pb::UnpackRequest,
 ) -> Result<pb::UnpackReply> {
-    let layers = layers(&req)?;
+    let layers = layers(&req, svc.limits.max_layers)?;
     let namespace = call.namespace().to_string();
 
     // A retry of a finished unpack gets its first reply.
@@ -105,9 +111,19 @@ pub(crate) async fn unpack(
     .await
 }
 
-/// Checks the request: as many diff IDs as layers, well-formed digests,
-/// sizes and media types of layers berth can apply.
-fn layers(req: &pb::UnpackRequest) -> Result<Vec<Layer>> {
+/// Checks the request: at most `max_layers` layers, as many diff IDs as
+/// layers, well-formed digests, sizes and media types of layers berth can
+/// apply.
+fn layers(req: &pb::UnpackRequest, max_layers: usize) -> Result<Vec<Layer>> {
+    if req.layers.len() > max_layers {
+        return Err(SnapshotError::InvalidRequest {
+            field: "layers",
+            reason: format!(
+                "the image has {} layers, over this node's limit of {max_layers}",
+                req.layers.len()
+            ),
+        });
+    }
     if req.layers.len() != req.diff_ids.len() {
         return Err(SnapshotError::InvalidRequest {
             field: "diff_ids",
@@ -286,8 +302,12 @@ async fn fill_and_commit(
     let (fs, compression) = (svc.store.fs_dir(extract.id), layer.compression);
     let digest = layer.digest.to_string();
     let lowers = extract.lowers;
+    let limits = apply::LayerLimits {
+        max_size: svc.limits.max_layer_size,
+        min_free: svc.limits.min_free_bytes,
+    };
     let applied = blocking(move || {
-        apply::apply_layer(source, compression, &fs, &lowers)
+        apply::apply_layer_with(source, compression, &fs, &lowers, limits)
             .map_err(|source| SnapshotError::Apply { digest, source })
     })
     .await?;

@@ -114,6 +114,7 @@ impl Cluster {
             root: self.snapshot_root(node),
             node: node.to_string(),
             content_root: local_content.then(|| self.content_root()),
+            limits: Default::default(),
         };
         let connection = self.connect(node).await?;
         tokio::spawn(berth_snapshot::run(

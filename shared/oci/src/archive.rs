@@ -11,9 +11,10 @@
 //! - the blob is in the archive ([`ArchiveError::MissingBlob`] names it);
 //! - its size in the archive equals the descriptor's size (cheap: the tar
 //!   header says it);
-//! - every index, manifest and config is under the JSON size limit, hashes to
-//!   its descriptor, has a known media type, and each config has one diff ID
-//!   per layer.
+//! - every index, manifest and config is under its size cap in the
+//!   archive's [`Limits`] (checked before it is read), hashes to its
+//!   descriptor, has a known media type, each manifest lists no more layers
+//!   than the cap, and each config has one diff ID per layer.
 //!
 //! What it does not check: layer digests and diff IDs. Hashing every layer
 //! would read the whole archive twice, so the consumer hashes layers while it
@@ -37,8 +38,8 @@ use serde::Deserialize;
 
 use crate::digest::{Digest, Hasher};
 use crate::image::{
-    self, media_type, BlobKind, Compression, ConfigFile, Descriptor, ImageError, Index, Manifest,
-    Platform, ResolvedImage, ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME, MAX_JSON_SIZE,
+    self, media_type, BlobKind, Compression, ConfigFile, Descriptor, ImageError, Index, Limits,
+    Manifest, Platform, ResolvedImage, ANNOTATION_IMAGE_NAME, ANNOTATION_REF_NAME,
 };
 use crate::reference::{Reference, ReferenceError};
 use crate::verify;
@@ -208,15 +209,26 @@ pub struct Archive {
     images: Vec<ArchiveImage>,
     blobs: Vec<Descriptor>,
     sources: HashMap<Digest, Source>,
+    limits: Limits,
 }
+
+/// The largest `oci-layout` file read (it holds one small JSON object).
+const MAX_LAYOUT_FILE: u64 = 64 << 10;
 
 impl Archive {
     /// Opens, indexes and checks the archive at `path`.
     ///
     /// Errors: `Open`/`Read` for I/O, `UnknownFormat`, `MissingBlob`,
     /// `MissingFile`, `SizeMismatch`, and `Image`/`Reference` for malformed
-    /// documents and names.
+    /// documents and names. The caps are [`Limits::DEFAULT`].
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ArchiveError> {
+        Self::open_with(path, Limits::DEFAULT)
+    }
+
+    /// [`Archive::open`] under `limits`, which also hold for
+    /// [`Archive::resolve`]: `Image(TooLarge)` for a document over its cap,
+    /// `Image(TooManyLayers)` for a manifest with too many layers.
+    pub fn open_with(path: impl AsRef<Path>, limits: Limits) -> Result<Self, ArchiveError> {
         let path = path.as_ref().to_path_buf();
         let file = open_tar(&path).map_err(|source| ArchiveError::Open {
             path: path.clone(),
@@ -235,6 +247,7 @@ impl Archive {
             images: Vec::new(),
             blobs: Vec::new(),
             sources: HashMap::new(),
+            limits,
         };
         // Newer `docker save` writes both; the layout is the richer of the two.
         if archive.resolve_entry("index.json").is_some() {
@@ -297,12 +310,14 @@ impl Archive {
         image: &ArchiveImage,
         platform: &Platform,
     ) -> Result<ResolvedImage, ArchiveError> {
-        image::resolve(&image.target, platform, |desc| self.read_json_blob(desc))
+        image::resolve_with(&image.target, platform, &self.limits, |desc| {
+            self.read_json_blob(desc)
+        })
     }
 
     /// Reads `index.json` and walks every image it lists.
     fn load_oci_layout(&mut self) -> Result<(), ArchiveError> {
-        if let Some(bytes) = self.read_named("oci-layout", "archive")? {
+        if let Some(bytes) = self.read_named("oci-layout", "archive", MAX_LAYOUT_FILE)? {
             let layout: OciLayout =
                 serde_json::from_slice(&bytes).map_err(|source| ArchiveError::Json {
                     name: "oci-layout".to_owned(),
@@ -316,9 +331,9 @@ impl Archive {
             }
         }
         let bytes = self
-            .read_named("index.json", "archive")?
+            .read_named("index.json", "archive", self.limits.max_index_size)?
             .unwrap_or_default();
-        let index = Index::parse("index.json", &bytes)?;
+        let index = Index::parse_within("index.json", &bytes, &self.limits)?;
 
         let mut seen = HashSet::new();
         for target in index.manifests {
@@ -366,7 +381,11 @@ impl Archive {
 
         match BlobKind::of_descriptor(desc)? {
             BlobKind::Index => {
-                let index = Index::from_blob(desc, &self.read_json_blob(desc)?)?;
+                let object = format!("index {}", desc.digest);
+                self.limits
+                    .check_document(&object, BlobKind::Index, desc.size)?;
+                let index =
+                    Index::from_blob_within(desc, &self.read_json_blob(desc)?, &self.limits)?;
                 let referrer = format!("index {}", desc.digest);
                 for child in &index.manifests {
                     // An archive may carry only some platforms of an index.
@@ -383,12 +402,22 @@ impl Archive {
                 }
             }
             BlobKind::Manifest => {
-                let manifest = Manifest::from_blob(desc, &self.read_json_blob(desc)?)?;
                 let referrer = format!("manifest {}", desc.digest);
+                self.limits
+                    .check_document(&referrer, BlobKind::Manifest, desc.size)?;
+                let bytes = self.read_json_blob(desc)?;
+                let manifest = Manifest::from_blob_within(desc, &bytes, &self.limits)?;
                 self.locate(&manifest.config, &referrer)?;
-                let config = ConfigFile::from_blob(
+                let config_object = format!("config {}", manifest.config.digest);
+                self.limits.check_document(
+                    &config_object,
+                    BlobKind::Config,
+                    manifest.config.size,
+                )?;
+                let config = ConfigFile::from_blob_within(
                     &manifest.config,
                     &self.read_json_blob(&manifest.config)?,
+                    &self.limits,
                 )?;
                 image::check_diff_ids(&manifest, &config)?;
                 for layer in &manifest.layers {
@@ -445,7 +474,7 @@ impl Archive {
     /// Reads `manifest.json` and builds an OCI manifest for each image in it.
     fn load_docker_archive(&mut self) -> Result<(), ArchiveError> {
         let bytes = self
-            .read_named("manifest.json", "archive")?
+            .read_named("manifest.json", "archive", self.limits.max_manifest_size)?
             .unwrap_or_default();
         let images: Vec<DockerImage> =
             serde_json::from_slice(&bytes).map_err(|source| ArchiveError::Json {
@@ -480,13 +509,16 @@ impl Archive {
         listed: &mut HashSet<Digest>,
     ) -> Result<Descriptor, ArchiveError> {
         let config_bytes = self
-            .read_named(&docker.config, "manifest.json")?
+            .read_named(&docker.config, "manifest.json", self.limits.max_config_size)?
             .ok_or_else(|| ArchiveError::MissingFile {
                 name: docker.config.clone(),
                 referrer: "manifest.json".to_owned(),
             })?;
         let config_desc = Descriptor::of_bytes(media_type::OCI_CONFIG, &config_bytes);
-        let config = ConfigFile::parse(&format!("config {}", config_desc.digest), &config_bytes)?;
+        let object = format!("config {}", config_desc.digest);
+        let config = ConfigFile::parse_within(&object, &config_bytes, &self.limits)?;
+        self.limits
+            .check_layers(&format!("image {}", docker.config), docker.layers.len())?;
         if config.diff_ids.len() != docker.layers.len() {
             return Err(ImageError::DiffIdCountMismatch {
                 config: config_desc.digest,
@@ -562,9 +594,10 @@ impl Archive {
         ))
     }
 
-    /// Reads a referenced JSON blob, refusing one over the size limit.
+    /// Reads a referenced JSON blob, refusing one over the largest document
+    /// cap before reading it (callers check their kind's own cap first).
     fn read_json_blob(&self, desc: &Descriptor) -> Result<Vec<u8>, ArchiveError> {
-        verify::check_limit(desc, MAX_JSON_SIZE).map_err(ImageError::from)?;
+        verify::check_limit(desc, self.limits.largest_document()).map_err(ImageError::from)?;
         let mut reader = self.blob(&desc.digest)?;
         let mut bytes = Vec::with_capacity(usize::try_from(reader.size()).unwrap_or(0));
         // Read one byte past the declared size so a longer blob is seen as such.
@@ -578,16 +611,22 @@ impl Archive {
         Ok(bytes)
     }
 
-    /// Reads a named file of the archive (not a blob) if present, up to the JSON limit.
-    fn read_named(&self, name: &str, referrer: &str) -> Result<Option<Vec<u8>>, ArchiveError> {
+    /// Reads a named file of the archive (not a blob) if present, refusing
+    /// one over `limit` bytes before reading it.
+    fn read_named(
+        &self,
+        name: &str,
+        referrer: &str,
+        limit: u64,
+    ) -> Result<Option<Vec<u8>>, ArchiveError> {
         let Some((offset, size)) = self.resolve_entry(name) else {
             return Ok(None);
         };
-        if size > MAX_JSON_SIZE {
+        if size > limit {
             return Err(ImageError::TooLarge {
                 object: format!("{name} in {referrer}"),
                 size,
-                limit: MAX_JSON_SIZE,
+                limit,
             }
             .into());
         }

@@ -7,8 +7,9 @@
 //!
 //! [`resolve`] walks from an index or manifest to the image for one platform
 //! and checks what can be checked without the layers: every JSON blob hashes
-//! to its descriptor, stays under [`MAX_JSON_SIZE`], has a known media type,
-//! and the config has one diff ID per layer.
+//! to its descriptor, stays under its [`Limits`] (4 MiB per document and 128
+//! layers unless the caller says otherwise), has a known media type, and the
+//! config has one diff ID per layer.
 
 use std::collections::BTreeMap;
 
@@ -17,11 +18,95 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::digest::{Digest, DigestError};
 pub use crate::platform::Platform;
 use crate::resolve::MAX_INDEX_DEPTH;
-pub use crate::resolve::{chain_ids, check_diff_ids, resolve, ResolvedImage};
+pub use crate::resolve::{chain_ids, check_diff_ids, resolve, resolve_with, ResolvedImage};
 use crate::verify::{self, VerifyError};
 
-/// Largest manifest, index or config accepted, in bytes (4 MiB).
+/// Largest manifest, index or config accepted by default, in bytes (4 MiB,
+/// the limit registries hold manifests to).
 pub const MAX_JSON_SIZE: u64 = 4 << 20;
+
+/// Most layers an image may have by default (overlayfs stacks far more, but
+/// no real image needs them, and each costs a mount option and a snapshot).
+pub const MAX_LAYERS: usize = 128;
+
+/// The caps every reader of image documents applies, so that an oversized
+/// document is refused before it is read into memory and an image of
+/// thousands of layers before anything is unpacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest index (and `index.json`), in bytes.
+    pub max_index_size: u64,
+    /// Largest manifest (and docker-archive `manifest.json`), in bytes.
+    pub max_manifest_size: u64,
+    /// Largest image config, in bytes.
+    pub max_config_size: u64,
+    /// Most layers one manifest may list.
+    pub max_layers: usize,
+}
+
+impl Limits {
+    /// 4 MiB per document, 128 layers.
+    pub const DEFAULT: Limits = Limits {
+        max_index_size: MAX_JSON_SIZE,
+        max_manifest_size: MAX_JSON_SIZE,
+        max_config_size: MAX_JSON_SIZE,
+        max_layers: MAX_LAYERS,
+    };
+
+    /// The size cap of a document of `kind`; layers have none here (the
+    /// snapshot service caps what they inflate to).
+    pub fn document(&self, kind: BlobKind) -> u64 {
+        match kind {
+            BlobKind::Index => self.max_index_size,
+            BlobKind::Manifest => self.max_manifest_size,
+            BlobKind::Config => self.max_config_size,
+            BlobKind::Layer(_) => u64::MAX,
+        }
+    }
+
+    /// The largest of the document caps.
+    pub fn largest_document(&self) -> u64 {
+        self.max_index_size
+            .max(self.max_manifest_size)
+            .max(self.max_config_size)
+    }
+
+    /// `TooLarge` naming `object` when `size` is over the cap of `kind`.
+    pub fn check_document(
+        &self,
+        object: &str,
+        kind: BlobKind,
+        size: u64,
+    ) -> Result<(), ImageError> {
+        let limit = self.document(kind);
+        if size > limit {
+            return Err(ImageError::TooLarge {
+                object: object.to_owned(),
+                size,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// `TooManyLayers` when `object` lists more than `max_layers`.
+    pub fn check_layers(&self, object: &str, layers: usize) -> Result<(), ImageError> {
+        if layers > self.max_layers {
+            return Err(ImageError::TooManyLayers {
+                object: object.to_owned(),
+                layers,
+                limit: self.max_layers,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::DEFAULT
+    }
+}
 
 /// Media types berth knows.
 pub mod media_type {
@@ -72,7 +157,7 @@ pub const ANNOTATION_IMAGE_NAME: &str = "io.containerd.image.name";
 /// Why an image document was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    /// The document is bigger than [`MAX_JSON_SIZE`].
+    /// The document is bigger than its [`Limits`] allow.
     #[error("{object} is {size} bytes, over the {limit} byte limit")]
     TooLarge {
         /// The document (`manifest sha256:…`, `index.json`).
@@ -170,6 +255,17 @@ pub enum ImageError {
         digest: Digest,
         /// The platform wanted, as `os/arch[/variant]`.
         platform: String,
+    },
+
+    /// The manifest lists more layers than its [`Limits`] allow.
+    #[error("{object} has {layers} layers, over the limit of {limit}")]
+    TooManyLayers {
+        /// The manifest.
+        object: String,
+        /// How many it lists.
+        layers: usize,
+        /// The limit.
+        limit: usize,
     },
 
     /// Indexes nested deeper than berth follows.
@@ -326,16 +422,39 @@ impl Manifest {
     /// Parses a manifest fetched by `desc` after checking its size limit, its
     /// digest and size, and its media types (config and layers included).
     pub fn from_blob(desc: &Descriptor, bytes: &[u8]) -> Result<Self, ImageError> {
+        Self::from_blob_within(desc, bytes, &Limits::DEFAULT)
+    }
+
+    /// [`Manifest::from_blob`] under `limits` (its size, and its layers).
+    pub fn from_blob_within(
+        desc: &Descriptor,
+        bytes: &[u8],
+        limits: &Limits,
+    ) -> Result<Self, ImageError> {
         let object = format!("manifest {}", desc.digest);
-        check_blob(&object, desc, bytes, BlobKind::Manifest, "a manifest")?;
-        let manifest = Self::parse(&object, bytes)?;
+        let limit = limits.max_manifest_size;
+        check_blob(
+            &object,
+            desc,
+            bytes,
+            BlobKind::Manifest,
+            "a manifest",
+            limit,
+        )?;
+        let manifest = Self::parse_within(&object, bytes, limits)?;
         check_document_type(&object, desc, manifest.media_type.as_deref())?;
         Ok(manifest)
     }
 
     /// Parses manifest JSON, naming it `object` in errors; no digest check.
     pub fn parse(object: &str, bytes: &[u8]) -> Result<Self, ImageError> {
-        check_size(object, bytes)?;
+        Self::parse_within(object, bytes, &Limits::DEFAULT)
+    }
+
+    /// [`Manifest::parse`] under `limits`: `TooLarge` for more bytes than
+    /// `max_manifest_size`, `TooManyLayers` for more than `max_layers`.
+    pub fn parse_within(object: &str, bytes: &[u8], limits: &Limits) -> Result<Self, ImageError> {
+        check_size(object, bytes, limits.max_manifest_size)?;
         let raw: RawManifest = from_json(object, bytes)?;
         check_schema(object, raw.schema_version)?;
         if let Some(mt) = &raw.media_type {
@@ -349,6 +468,7 @@ impl Manifest {
             .into_iter()
             .map(|l| l.into_descriptor(object))
             .collect::<Result<Vec<_>, _>>()?;
+        limits.check_layers(object, layers.len())?;
         for layer in &layers {
             if !matches!(BlobKind::of_descriptor(layer)?, BlobKind::Layer(_)) {
                 return Err(wrong_kind(&layer.digest, &layer.media_type, "a layer"));
@@ -391,9 +511,19 @@ impl Index {
     /// Parses an index fetched by `desc` after checking its size limit,
     /// digest, size and media type.
     pub fn from_blob(desc: &Descriptor, bytes: &[u8]) -> Result<Self, ImageError> {
+        Self::from_blob_within(desc, bytes, &Limits::DEFAULT)
+    }
+
+    /// [`Index::from_blob`] under `limits.max_index_size`.
+    pub fn from_blob_within(
+        desc: &Descriptor,
+        bytes: &[u8],
+        limits: &Limits,
+    ) -> Result<Self, ImageError> {
         let object = format!("index {}", desc.digest);
-        check_blob(&object, desc, bytes, BlobKind::Index, "an index")?;
-        let index = Self::parse(&object, bytes)?;
+        let limit = limits.max_index_size;
+        check_blob(&object, desc, bytes, BlobKind::Index, "an index", limit)?;
+        let index = Self::parse_within(&object, bytes, limits)?;
         check_document_type(&object, desc, index.media_type.as_deref())?;
         Ok(index)
     }
@@ -402,7 +532,12 @@ impl Index {
     /// `object` in errors. Entries' media types are not checked here, since
     /// an index may list artifacts berth skips.
     pub fn parse(object: &str, bytes: &[u8]) -> Result<Self, ImageError> {
-        check_size(object, bytes)?;
+        Self::parse_within(object, bytes, &Limits::DEFAULT)
+    }
+
+    /// [`Index::parse`] under `limits.max_index_size`.
+    pub fn parse_within(object: &str, bytes: &[u8], limits: &Limits) -> Result<Self, ImageError> {
+        check_size(object, bytes, limits.max_index_size)?;
         let raw: RawIndex = from_json(object, bytes)?;
         check_schema(object, raw.schema_version)?;
         if let Some(mt) = &raw.media_type {
@@ -477,14 +612,29 @@ impl ConfigFile {
     /// Parses a config fetched by `desc` after checking its size limit,
     /// digest, size and media type.
     pub fn from_blob(desc: &Descriptor, bytes: &[u8]) -> Result<Self, ImageError> {
+        Self::from_blob_within(desc, bytes, &Limits::DEFAULT)
+    }
+
+    /// [`ConfigFile::from_blob`] under `limits.max_config_size`.
+    pub fn from_blob_within(
+        desc: &Descriptor,
+        bytes: &[u8],
+        limits: &Limits,
+    ) -> Result<Self, ImageError> {
         let object = format!("config {}", desc.digest);
-        check_blob(&object, desc, bytes, BlobKind::Config, "a config")?;
-        Self::parse(&object, bytes)
+        let limit = limits.max_config_size;
+        check_blob(&object, desc, bytes, BlobKind::Config, "a config", limit)?;
+        Self::parse_within(&object, bytes, limits)
     }
 
     /// Parses config JSON, naming it `object` in errors; no digest check.
     pub fn parse(object: &str, bytes: &[u8]) -> Result<Self, ImageError> {
-        check_size(object, bytes)?;
+        Self::parse_within(object, bytes, &Limits::DEFAULT)
+    }
+
+    /// [`ConfigFile::parse`] under `limits.max_config_size`.
+    pub fn parse_within(object: &str, bytes: &[u8], limits: &Limits) -> Result<Self, ImageError> {
+        check_size(object, bytes, limits.max_config_size)?;
         let raw: RawConfig = from_json(object, bytes)?;
         let diff_ids = raw
             .rootfs
@@ -529,8 +679,9 @@ fn check_blob(
     bytes: &[u8],
     kind: BlobKind,
     expected: &'static str,
+    limit: u64,
 ) -> Result<(), ImageError> {
-    verify::check_limit(desc, MAX_JSON_SIZE)?;
+    verify::check_limit(desc, limit)?;
     expect_kind(object, &desc.media_type, kind, expected)?;
     verify::verify_bytes(bytes, desc)?;
     Ok(())
@@ -572,13 +723,13 @@ fn check_document_type(
     }
 }
 
-fn check_size(object: &str, bytes: &[u8]) -> Result<(), ImageError> {
+fn check_size(object: &str, bytes: &[u8], limit: u64) -> Result<(), ImageError> {
     let size = bytes.len() as u64;
-    if size > MAX_JSON_SIZE {
+    if size > limit {
         return Err(ImageError::TooLarge {
             object: object.to_owned(),
             size,
-            limit: MAX_JSON_SIZE,
+            limit,
         });
     }
     Ok(())
@@ -970,5 +1121,42 @@ mod tests {
         };
         let bytes = manifest.to_json();
         assert_eq!(Manifest::parse("manifest", &bytes).unwrap(), manifest);
+    }
+
+    #[test]
+    fn limits_are_the_callers() {
+        let config = Descriptor::of_bytes(media_type::OCI_CONFIG, b"{}");
+        let layers: Vec<Descriptor> = (0..3)
+            .map(|_| Descriptor::new(media_type::OCI_LAYER, d(L1), 1))
+            .collect();
+        let bytes = manifest_json(media_type::OCI_MANIFEST, &config, &layers);
+        let tight = Limits {
+            max_layers: 2,
+            ..Limits::DEFAULT
+        };
+        let err = Manifest::parse_within("manifest m", &bytes, &tight).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "manifest m has 3 layers, over the limit of 2"
+        );
+        Manifest::parse("manifest m", &bytes).unwrap();
+
+        let small = Limits {
+            max_manifest_size: 16,
+            ..Limits::DEFAULT
+        };
+        let err = Manifest::parse_within("manifest m", &bytes, &small).unwrap_err();
+        assert!(
+            matches!(err, ImageError::TooLarge { limit: 16, .. }),
+            "{err:?}"
+        );
+        let err = small
+            .check_document("manifest m", BlobKind::Manifest, 32 << 20)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "manifest m is 33554432 bytes, over the 16 byte limit"
+        );
+        assert_eq!(Limits::DEFAULT.largest_document(), MAX_JSON_SIZE);
     }
 }

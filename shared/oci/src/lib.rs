@@ -26,8 +26,8 @@ pub mod verify;
 pub use archive::{Archive, ArchiveError, ArchiveFormat, ArchiveImage, BlobReader};
 pub use digest::{Digest, DigestError, Hasher, Sha256Reader, Sha256Writer};
 pub use image::{
-    chain_ids, resolve, BlobKind, Compression, ConfigFile, Descriptor, ImageConfig, ImageError,
-    Index, Manifest, Platform, ResolvedImage,
+    chain_ids, resolve, resolve_with, BlobKind, Compression, ConfigFile, Descriptor, ImageConfig,
+    ImageError, Index, Limits, Manifest, Platform, ResolvedImage,
 };
 pub use reference::{Reference, ReferenceError};
 pub use verify::{verify_blob, VerifyError};

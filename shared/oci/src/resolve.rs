@@ -7,8 +7,7 @@
 
 use crate::digest::Digest;
 use crate::image::{
-    wrong_kind, BlobKind, ConfigFile, Descriptor, ImageConfig, ImageError, Index, Manifest,
-    MAX_JSON_SIZE,
+    wrong_kind, BlobKind, ConfigFile, Descriptor, ImageConfig, ImageError, Index, Limits, Manifest,
 };
 use crate::platform::Platform;
 use crate::verify;
@@ -62,10 +61,23 @@ pub struct ResolvedImage {
 ///
 /// Errors from `fetch` pass through; the rest are [`ImageError`]s:
 /// `NoMatchingManifest`, `DiffIdCountMismatch`, `UnknownMediaType`,
-/// `TooLarge`, `Verify`.
-pub fn resolve<E, F>(
+/// `TooLarge`, `TooManyLayers`, `Verify`. The caps are [`Limits::DEFAULT`];
+/// [`resolve_with`] takes others.
+pub fn resolve<E, F>(target: &Descriptor, platform: &Platform, fetch: F) -> Result<ResolvedImage, E>
+where
+    F: FnMut(&Descriptor) -> Result<Vec<u8>, E>,
+    E: From<ImageError>,
+{
+    resolve_with(target, platform, &Limits::DEFAULT, fetch)
+}
+
+/// [`resolve`] under `limits`: each document's size is checked against its
+/// kind's cap before `fetch` is asked for it, and the manifest's layers
+/// against `max_layers`.
+pub fn resolve_with<E, F>(
     target: &Descriptor,
     platform: &Platform,
+    limits: &Limits,
     mut fetch: F,
 ) -> Result<ResolvedImage, E>
 where
@@ -74,7 +86,7 @@ where
 {
     let manifest_desc = match BlobKind::of_descriptor(target)? {
         BlobKind::Manifest => target.clone(),
-        BlobKind::Index => select_manifest(target, platform, &mut fetch, 0)?
+        BlobKind::Index => select_manifest(target, platform, limits, &mut fetch, 0)?
             .map(|(_, desc)| desc)
             .ok_or_else(|| no_match(target, platform))?,
         _ => {
@@ -84,10 +96,10 @@ where
         }
     };
 
-    verify::check_limit(&manifest_desc, MAX_JSON_SIZE).map_err(ImageError::from)?;
-    let manifest = Manifest::from_blob(&manifest_desc, &fetch(&manifest_desc)?)?;
-    verify::check_limit(&manifest.config, MAX_JSON_SIZE).map_err(ImageError::from)?;
-    let config = ConfigFile::from_blob(&manifest.config, &fetch(&manifest.config)?)?;
+    verify::check_limit(&manifest_desc, limits.max_manifest_size).map_err(ImageError::from)?;
+    let manifest = Manifest::from_blob_within(&manifest_desc, &fetch(&manifest_desc)?, limits)?;
+    verify::check_limit(&manifest.config, limits.max_config_size).map_err(ImageError::from)?;
+    let config = ConfigFile::from_blob_within(&manifest.config, &fetch(&manifest.config)?, limits)?;
 
     // A manifest that no index placed must prove its platform by its config.
     let config_known = !config.platform.os.is_empty() || !config.platform.architecture.is_empty();
@@ -127,6 +139,7 @@ pub fn check_diff_ids(manifest: &Manifest, config: &ConfigFile) -> Result<(), Im
 fn select_manifest<E, F>(
     desc: &Descriptor,
     platform: &Platform,
+    limits: &Limits,
     fetch: &mut F,
     depth: usize,
 ) -> Result<Option<(u8, Descriptor)>, E>
@@ -140,8 +153,8 @@ where
         }
         .into());
     }
-    verify::check_limit(desc, MAX_JSON_SIZE).map_err(ImageError::from)?;
-    let index = Index::from_blob(desc, &fetch(desc)?)?;
+    verify::check_limit(desc, limits.max_index_size).map_err(ImageError::from)?;
+    let index = Index::from_blob_within(desc, &fetch(desc)?, limits)?;
 
     let mut best: Option<(u8, Descriptor)> = None;
     for entry in &index.manifests {
@@ -155,7 +168,7 @@ where
         };
         let found = match BlobKind::of(&entry.media_type) {
             Some(BlobKind::Manifest) => Some((score, entry.clone())),
-            Some(BlobKind::Index) => select_manifest(entry, platform, fetch, depth + 1)?,
+            Some(BlobKind::Index) => select_manifest(entry, platform, limits, fetch, depth + 1)?,
             // Artifacts and unknown entries are not images for this host.
             _ => None,
         };
