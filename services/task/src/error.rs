@@ -90,6 +90,16 @@ pub enum TaskError {
         #[source]
         source: std::io::Error,
     },
+    /// The container asks for more than its namespace's confinement allows.
+    #[error("container {container_id} may not {what}: namespace {namespace} keeps the default confinement on this node")]
+    Confined {
+        /// The container.
+        container_id: String,
+        /// Its namespace.
+        namespace: String,
+        /// What it asked for, e.g. `run privileged`.
+        what: &'static str,
+    },
     /// Another service (metadata, content, snapshot) or the store failed.
     #[error(transparent)]
     Bus(#[from] berth_bus::Error),
@@ -109,6 +119,7 @@ impl TaskError {
             TaskError::Runc { .. } => Code::InvalidArgument,
             TaskError::Mount { .. } | TaskError::Io { .. } => Code::Internal,
             TaskError::Shim { .. } => Code::Unavailable,
+            TaskError::Confined { .. } => Code::PermissionDenied,
             TaskError::Bus(err) => err.code,
         }
     }
@@ -121,14 +132,7 @@ impl From<TaskError> for berth_bus::Error {
         }
         // The wire message carries the causes too: the caller has nothing
         // else to read them from.
-        let mut message = err.to_string();
-        let mut source = std::error::Error::source(&err);
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        berth_bus::Error::new(err.code(), message)
+        berth_bus::Error::with_causes(err.code(), &err)
     }
 }
 

@@ -55,6 +55,12 @@ pub struct Config {
     pub shim: Option<PathBuf>,
     /// The runc binary; default: `runc` in PATH.
     pub runc: Option<PathBuf>,
+    /// Namespaces whose containers keep the default confinement: a
+    /// container there may not be privileged, share the host's network,
+    /// bind-mount host paths, add capabilities or loosen seccomp
+    /// (`PermissionDenied`). Tenants' namespaces belong here, since any of
+    /// those would give a tenant the node. Empty by default.
+    pub confined_namespaces: Vec<String>,
 }
 
 /// Where one task's files are.
@@ -97,6 +103,7 @@ pub struct TaskService {
     paths: Paths,
     shim: PathBuf,
     runc: Option<PathBuf>,
+    confined: Vec<String>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     shutdown: CancellationToken,
 }
@@ -185,6 +192,7 @@ pub async fn run(
         },
         shim: config.shim.clone().unwrap_or_else(default_shim),
         runc: config.runc.clone(),
+        confined: config.confined_namespaces.clone(),
         locks: Mutex::new(HashMap::new()),
         shutdown: shutdown.clone(),
     });

@@ -26,6 +26,16 @@ struct Args {
     /// The runc binary (default: runc in PATH).
     #[arg(long)]
     runc: Option<PathBuf>,
+    /// A namespace whose containers keep the default confinement: no
+    /// privileged, host network, bind mounts, added capabilities or seccomp
+    /// opt-outs (repeatable; give every tenant's namespace).
+    #[arg(
+        long = "confined-namespace",
+        value_name = "NAMESPACE",
+        env = "BERTH_CONFINED_NAMESPACES",
+        value_delimiter = ','
+    )]
+    confined_namespaces: Vec<String>,
 }
 
 #[tokio::main]
@@ -40,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         node: args.node.unwrap_or_else(berth_bus::subject::local_node_id),
         shim: args.shim,
         runc: args.runc,
+        confined_namespaces: args.confined_namespaces,
     };
     berth_task::run(nats, config, shutdown).await?;
     berth_bus::trace::shutdown(std::time::Duration::from_secs(2));

@@ -8,10 +8,16 @@
 //! bind-mounting them over the image's copies, so the image's files are never
 //! rewritten.
 //!
+//! A container gets docker's defaults unless its caller opts out: the
+//! default capability set, masked and read-only paths under `/proc` and
+//! `/sys`, `no_new_privileges`, and the default seccomp profile
+//! ([`seccomp`]). `privileged` drops all four; `seccomp_unconfined` and
+//! `allow_new_privileges` drop one each.
+//!
 //! # Limitations
 //!
-//! No seccomp profile, AppArmor or SELinux label is applied, and no rlimits
-//! are set (the process inherits the shim's).
+//! No AppArmor or SELinux label is applied, and no rlimits are set (the
+//! process inherits the shim's).
 
 use std::collections::HashMap;
 use std::io;
@@ -31,6 +37,7 @@ pub use rootfs::{prepare_rootfs, resolve_in_root, write_config};
 pub use user::{resolve_user, ResolvedUser};
 
 mod rootfs;
+pub mod seccomp;
 mod user;
 
 /// PATH given to a process whose environment has none, as docker does.
@@ -138,6 +145,12 @@ pub enum SpecError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A seccomp profile that cannot be used.
+    #[error("invalid seccomp profile: {reason}")]
+    Seccomp {
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A negative limit.
     #[error("invalid resource limits {limits:?}: limits are 0 (none) or positive")]
     InvalidLimit {
@@ -225,8 +238,16 @@ pub struct RunOptions {
     /// Capabilities removed from the default set (`ALL` for every one).
     pub cap_drop: Vec<String>,
     /// Every capability and device, no masked or read-only paths, `/sys`
-    /// writable.
+    /// writable, no seccomp filter, no `no_new_privileges`.
     pub privileged: bool,
+    /// No seccomp filter (`--security-opt seccomp=unconfined`).
+    pub seccomp_unconfined: bool,
+    /// The caller's seccomp profile, an OCI `linux.seccomp` object as JSON,
+    /// in place of the default one.
+    pub seccomp_profile: Option<String>,
+    /// Leave `no_new_privileges` off, so setuid binaries and file
+    /// capabilities work (`--security-opt no-new-privileges=false`).
+    pub allow_new_privileges: bool,
 }
 
 /// A host path mounted into the container.
@@ -321,6 +342,7 @@ pub fn build_spec(
     let env = process_env(image, opts, &user)?;
 
     let caps = capabilities(opts)?;
+    let seccomp = seccomp_section(opts, &caps)?;
     // Inheritable and ambient stay empty, as docker leaves them: a process
     // that is not root gains nothing across exec.
     let capabilities = LinuxCapabilitiesBuilder::default()
@@ -341,7 +363,7 @@ pub fn build_spec(
         .env(env)
         .cwd(cwd)
         .capabilities(capabilities)
-        .no_new_privileges(false)
+        .no_new_privileges(!(opts.allow_new_privileges || opts.privileged))
         .build()?;
 
     let mut annotations = HashMap::new();
@@ -362,7 +384,7 @@ pub fn build_spec(
         .hostname(hostname(container_id, opts))
         .mounts(mounts(opts)?)
         .annotations(annotations)
-        .linux(linux_section(namespace, container_id, opts)?)
+        .linux(linux_section(namespace, container_id, opts, seccomp)?)
         .build()?)
 }
 
@@ -579,10 +601,33 @@ fn default_mounts() -> Result<Vec<Mount>, SpecError> {
     ])
 }
 
+/// The seccomp filter of a container holding `caps`: none when privileged
+/// or unconfined, the caller's profile when given, else the default one.
+fn seccomp_section(
+    opts: &RunOptions,
+    caps: &Capabilities,
+) -> Result<Option<oci_spec::runtime::LinuxSeccomp>, SpecError> {
+    if opts.privileged || opts.seccomp_unconfined {
+        return Ok(None);
+    }
+    if let Some(profile) = &opts.seccomp_profile {
+        return seccomp::custom_profile(profile).map(Some);
+    }
+    let profile = seccomp::default_profile(caps)?;
+    if profile.is_none() {
+        tracing::warn!(
+            arch = std::env::consts::ARCH,
+            "the default seccomp profile does not cover this architecture; none applied"
+        );
+    }
+    Ok(profile)
+}
+
 fn linux_section(
     namespace: &str,
     container_id: &str,
     opts: &RunOptions,
+    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
 ) -> Result<oci_spec::runtime::Linux, SpecError> {
     let host_network = opts.host_network;
     let mut kinds = vec![
@@ -617,13 +662,16 @@ fn linux_section(
             list.iter().map(|p| p.to_string()).collect()
         }
     };
-    Ok(LinuxBuilder::default()
+    let mut linux = LinuxBuilder::default()
         .cgroups_path(cgroups_path(namespace, container_id))
         .namespaces(namespaces)
         .resources(resources)
         .masked_paths(paths(MASKED_PATHS))
-        .readonly_paths(paths(READONLY_PATHS))
-        .build()?)
+        .readonly_paths(paths(READONLY_PATHS));
+    if let Some(seccomp) = seccomp {
+        linux = linux.seccomp(seccomp);
+    }
+    Ok(linux.build()?)
 }
 
 /// The capability set: docker's defaults with the caller's additions and

@@ -22,7 +22,8 @@ fn new_generation() -> u64 {
 /// `create`: reserves the task in metadata, mounts the rootfs, writes the
 /// bundle and starts the shim (`runc create`). `FailedPrecondition` when the
 /// container has a task already or lives on another node; `InvalidArgument`
-/// when its options or image cannot run (runc's words).
+/// when its options or image cannot run (runc's words); `PermissionDenied`
+/// when they leave the confinement of a confined namespace.
 pub(crate) async fn create(
     svc: Arc<TaskService>,
     call: Call,
@@ -66,6 +67,10 @@ async fn create_task(
             container_id: container_id.to_string(),
             node: container.node,
         });
+    }
+    if svc.confined.iter().any(|confined| confined == namespace) {
+        let options = container.options.clone().unwrap_or_default();
+        check_confinement(namespace, container_id, &options)?;
     }
     let generation = new_generation();
     metadata
@@ -222,6 +227,30 @@ async fn image_config(
     serde_json::from_value(config).map_err(malformed)
 }
 
+/// Refuses the options that would take a container of a confined
+/// namespace out of the default confinement, naming the first one.
+fn check_confinement(namespace: &str, container_id: &str, options: &mpb::RunOptions) -> Result<()> {
+    let asked = [
+        (options.privileged, "run privileged"),
+        (options.host_network, "share the host's network"),
+        (!options.binds.is_empty(), "bind-mount host paths"),
+        (!options.cap_add.is_empty(), "add capabilities"),
+        (options.seccomp_unconfined, "run without seccomp"),
+        (
+            !options.seccomp_profile.is_empty(),
+            "replace the seccomp profile",
+        ),
+    ];
+    match asked.into_iter().find(|(asked, _)| *asked) {
+        Some((_, what)) => Err(TaskError::Confined {
+            container_id: container_id.to_string(),
+            namespace: namespace.to_string(),
+            what,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The caller's overrides as the spec builder takes them.
 fn run_options(options: &mpb::RunOptions) -> RunOptions {
     let some = |value: &str| (!value.is_empty()).then(|| value.to_string());
@@ -253,6 +282,9 @@ fn run_options(options: &mpb::RunOptions) -> RunOptions {
         cap_add: options.cap_add.clone(),
         cap_drop: options.cap_drop.clone(),
         privileged: options.privileged,
+        seccomp_unconfined: options.seccomp_unconfined,
+        seccomp_profile: some(&options.seccomp_profile),
+        allow_new_privileges: options.allow_new_privileges,
     }
 }
 

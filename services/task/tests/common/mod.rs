@@ -61,6 +61,7 @@ impl Node {
                 root: root.join("snapshot"),
                 node: node.clone(),
                 content_root: Some(root.join("content")),
+                limits: Default::default(),
             },
             shutdown.clone(),
         ));
