@@ -4,6 +4,12 @@
 //!
 //! The binaries are the ones `cargo build --workspace` leaves next to the
 //! test executables; `deploy/test.sh` builds them before the tests run.
+//!
+//! [`Node::start`] runs an open nats-server, as most tests need;
+//! [`Node::start_with`] can secure it the way a fleet is secured: nkey
+//! identities from `berthd gen-auth` with the server's `authorization`
+//! block (each service as itself, `berth` as the admin), and TLS material
+//! from `deploy/gen-tls.sh` with a server that verifies clients.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,6 +29,34 @@ pub struct Node {
     pub node: String,
     dir: TempDir,
     berthd: Option<Child>,
+    /// Flags every berthd start gets beyond the usual ones.
+    berthd_args: Vec<String>,
+    /// The connection flags every `berth` command gets (credentials, TLS).
+    auth_args: Vec<String>,
+    /// The TLS flags alone, which other identities need too.
+    tls_args: Vec<String>,
+    secured: bool,
+    tls: bool,
+}
+
+/// How [`Node::start_with`] sets a node up; the default is [`Node::start`]'s.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// Run the server with `berthd gen-auth` identities: every service
+    /// connects as its own, `berth` as the admin. Tenants of these
+    /// namespaces get identities too ([`Node::seed`] `tenant-<ns>.nk`).
+    pub secured: bool,
+    /// Namespaces whose tenants get identities (with `secured`).
+    pub tenants: Vec<String>,
+    /// Require TLS, with client certificates verified.
+    pub tls: bool,
+    /// More berthd flags.
+    pub berthd_args: Vec<String>,
+}
+
+/// The repository's `deploy/` directory.
+pub fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
 /// A built workspace binary, or an error saying how to build it.
@@ -40,17 +74,104 @@ pub fn binary(name: &str) -> Result<PathBuf> {
 impl Node {
     /// Starts a node and waits until its five services answer.
     pub fn start() -> Result<Node> {
-        let nats = NatsServer::start()?;
+        Self::start_with(NodeOptions::default())
+    }
+
+    /// The node id every test node takes.
+    pub fn default_node_id() -> String {
+        format!("e2e-{}", std::process::id())
+    }
+
+    /// Starts a node set up as `options` says, and waits until its five
+    /// services answer.
+    pub fn start_with(options: NodeOptions) -> Result<Node> {
         let dir = berth_testkit::tempdir("berth-e2e-")?;
-        let node = format!("e2e-{}", std::process::id());
+        let node = Self::default_node_id();
+        let mut config = String::new();
+        let mut berthd_args = options.berthd_args.clone();
+        let mut auth_args = Vec::new();
+        let mut tls_args = Vec::new();
+
+        if options.secured {
+            let auth = dir.path().join("auth");
+            let mut gen = Command::new(binary("berthd")?);
+            gen.arg("gen-auth").arg("--out").arg(&auth);
+            gen.args(["--node", &node]);
+            for tenant in &options.tenants {
+                gen.args(["--tenant", tenant]);
+            }
+            let made = gen.output().context("run berthd gen-auth")?;
+            if !made.status.success() {
+                bail!(
+                    "berthd gen-auth failed: {}",
+                    String::from_utf8_lossy(&made.stderr)
+                );
+            }
+            config.push_str(&fs::read_to_string(auth.join("nats-auth.conf"))?);
+            berthd_args.push("--auth-dir".into());
+            berthd_args.push(path_arg(&auth));
+            auth_args.push("--nkey".into());
+            auth_args.push(path_arg(&auth.join("admin.nk")));
+        }
+        if options.tls {
+            let tls = dir.path().join("tls");
+            let made = Command::new(deploy_dir().join("gen-tls.sh"))
+                .arg(&tls)
+                .output()
+                .context("run deploy/gen-tls.sh")?;
+            if !made.status.success() {
+                bail!(
+                    "gen-tls.sh failed: {}",
+                    String::from_utf8_lossy(&made.stderr)
+                );
+            }
+            config.push_str(&format!(
+                "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
+                tls.join("server-cert.pem"),
+                tls.join("server-key.pem"),
+                tls.join("ca.pem"),
+            ));
+            for (flag, file) in [
+                ("--tls-ca", "ca.pem"),
+                ("--tls-cert", "client-cert.pem"),
+                ("--tls-key", "client-key.pem"),
+            ] {
+                tls_args.push(flag.to_string());
+                tls_args.push(path_arg(&tls.join(file)));
+            }
+            berthd_args.extend(tls_args.clone());
+            auth_args.extend(tls_args.clone());
+        }
+
+        let nats = if config.is_empty() {
+            NatsServer::start()?
+        } else {
+            NatsServer::start_with_config(&config)?
+        };
         let mut this = Node {
             nats,
             node,
             dir,
             berthd: None,
+            berthd_args,
+            auth_args,
+            tls_args,
+            secured: options.secured,
+            tls: options.tls,
         };
         this.start_berthd()?;
         Ok(this)
+    }
+
+    /// The seed file of an identity of a secured node (`admin.nk`,
+    /// `observer.nk`, `tenant-a.nk`).
+    pub fn seed(&self, file: &str) -> PathBuf {
+        self.dir.path().join("auth").join(file)
+    }
+
+    /// The node's TLS material (`ca.pem`, `client-cert.pem`, ...).
+    pub fn tls_file(&self, file: &str) -> PathBuf {
+        self.dir.path().join("tls").join(file)
     }
 
     /// berthd's root (`--root`).
@@ -88,6 +209,7 @@ impl Node {
             .args(["--shim"])
             .arg(binary("berth-shim")?)
             .args(["--gc-interval", "3600"])
+            .args(&self.berthd_args)
             .env("BERTH_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -113,12 +235,50 @@ impl Node {
         child.wait().ok()
     }
 
+    /// A `berth` command aimed at this node, for a test that spawns it
+    /// itself (to signal it, or to read its output as it comes).
+    pub fn berth_command(&self) -> Result<Command> {
+        let auth = self.auth_args.clone();
+        self.berth_command_as(&auth)
+    }
+
+    /// A `berth` command aimed at this node with the connection flags
+    /// `auth` instead of the node's own (another identity, or none); the
+    /// node's TLS flags are added when `auth` has none.
+    pub fn berth_command_as(&self, auth: &[String]) -> Result<Command> {
+        let mut command = Command::new(binary("berth")?);
+        command
+            .args(["--nats", &self.nats.url(), "--node", &self.node])
+            .args(auth)
+            .env_remove("BERTH_NATS_NKEY")
+            .env("BERTH_ROOT", self.dir.path().join("no-root"))
+            .stdin(Stdio::null());
+        if !auth.iter().any(|arg| arg.starts_with("--tls")) {
+            command.args(&self.tls_args);
+        }
+        Ok(command)
+    }
+
+    /// Runs `berth ARGS` as the identity whose seed file is `seed` (none
+    /// for `None`) and returns its output.
+    pub fn berth_as(&self, seed: Option<&Path>, args: &[&str]) -> Result<Output> {
+        let auth = match seed {
+            Some(seed) => vec!["--nkey".to_string(), path_arg(seed)],
+            None => Vec::new(),
+        };
+        let output = self
+            .berth_command_as(&auth)?
+            .args(args)
+            .output()
+            .context("run berth")?;
+        Ok(output)
+    }
+
     /// Runs `berth ARGS` against this node and returns its output.
     pub fn berth(&self, args: &[&str]) -> Result<Output> {
-        let output = Command::new(binary("berth")?)
-            .args(["--nats", &self.nats.url(), "--node", &self.node])
+        let output = self
+            .berth_command()?
             .args(args)
-            .stdin(Stdio::null())
             .output()
             .context("run berth")?;
         Ok(output)
@@ -172,6 +332,23 @@ impl Node {
             .collect()
     }
 
+    /// A client of this node's NATS server, for the typed clients in
+    /// `berth_bus::api`; calls time out after 30 s.
+    pub async fn client(&self) -> Result<berth_bus::Client> {
+        let mut config = berth_bus::ConnectConfig::new(&self.nats.url(), "berth-e2e");
+        config.retry_initial_connect = true;
+        if self.secured {
+            config.nkey = Some(self.seed("admin.nk"));
+        }
+        if self.tls {
+            config.tls_ca = Some(self.tls_file("ca.pem"));
+            config.tls_cert = Some(self.tls_file("client-cert.pem"));
+            config.tls_key = Some(self.tls_file("client-key.pem"));
+        }
+        let nats = berth_bus::connect_with_config(&config).await?;
+        Ok(berth_bus::Client::new(nats, Duration::from_secs(30)))
+    }
+
     /// Pids of processes whose command line names a task's files in this
     /// node's state directory (shims, and runc under them; not berthd).
     pub fn node_processes(&self) -> Vec<i32> {
@@ -188,6 +365,30 @@ impl Node {
         }
         pids
     }
+}
+
+/// A path as a command-line argument.
+fn path_arg(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// The cgroup directories runc made for a container and that are still
+/// there: `berth/<namespace>/<container_id>` under each cgroup v1
+/// controller, or under the unified v2 hierarchy.
+pub fn berth_cgroups(namespace: &str, container_id: &str) -> Vec<PathBuf> {
+    let own = Path::new("berth").join(namespace).join(container_id);
+    let mut left = Vec::new();
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join(&own).is_dir() {
+        left.push(root.join(&own));
+    }
+    for controller in fs::read_dir(root).into_iter().flatten().flatten() {
+        let path = controller.path().join(&own);
+        if path.is_dir() {
+            left.push(path);
+        }
+    }
+    left
 }
 
 impl Drop for Node {

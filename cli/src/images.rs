@@ -1,6 +1,11 @@
-//! `berth image ...`: import, list, inspect, remove.
+//! `berth image ...`: import, list, inspect, tag, remove and export.
+//!
+//! An import reads the archive once to check it (every image resolved for
+//! this host before a byte moves), then writes each blob into the content
+//! store through a resumable ingest, unpacks the host platform's layers on
+//! `--node` and records the image, all under a lease so that gc takes
+//! nothing half-made.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,33 +13,60 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Subcommand;
 
-use berth_oci::{Archive, Descriptor, Platform, Reference};
+use berth_bus::Code;
+use berth_oci::{Archive, Descriptor, Limits, Platform, Reference};
 use berth_proto::{content as cpb, metadata as mpb, snapshot as spb};
 
-use crate::{output, Ctx};
+use crate::progress::Progress;
+use crate::{export, output, Ctx};
 
 /// `berth image` subcommands.
 #[derive(Subcommand)]
 pub enum ImageCommand {
     /// Import images from an OCI layout archive or a docker-archive tarball.
     Import {
-        /// The archive (plain or gzip-compressed).
+        /// The archive (plain, gzip or zstd).
         file: PathBuf,
         /// Name the imported image (only for archives holding one image).
         #[arg(long)]
         name: Option<String>,
+        /// Largest index, manifest or config accepted (bytes, or with k, m, g).
+        #[arg(long, default_value = "4m", value_name = "SIZE")]
+        max_document_size: String,
+        /// Most layers an image may have (the node unpacking it may allow
+        /// fewer).
+        #[arg(long, default_value_t = berth_oci::image::MAX_LAYERS)]
+        max_layers: usize,
+    },
+    /// Write images to an OCI archive that `image import` (and skopeo) reads.
+    Export {
+        /// The images' names.
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// The archive to write (`-` for stdout).
+        file: PathBuf,
     },
     /// List images.
+    #[command(alias = "list")]
     Ls,
-    /// Show an image's record.
+    /// Show images' records and configs as JSON.
     Inspect {
+        /// The images' names.
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+    },
+    /// Give an image another name.
+    Tag {
         /// The image's name.
-        name: String,
+        source: String,
+        /// The new name.
+        target: String,
     },
     /// Remove image names; the bytes go when gc runs.
+    #[command(alias = "remove")]
     Rm {
         /// The images' names.
-        #[arg(required = true)]
+        #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
     },
 }
@@ -42,9 +74,26 @@ pub enum ImageCommand {
 /// Runs one `berth image` subcommand.
 pub async fn dispatch(ctx: &Ctx, command: ImageCommand) -> anyhow::Result<ExitCode> {
     match command {
-        ImageCommand::Import { file, name } => import(ctx, file, name).await,
+        ImageCommand::Import {
+            file,
+            name,
+            max_document_size,
+            max_layers,
+        } => {
+            let size = crate::flags::parse_bytes(&max_document_size)
+                .context("--max-document-size")? as u64;
+            let limits = Limits {
+                max_index_size: size,
+                max_manifest_size: size,
+                max_config_size: size,
+                max_layers,
+            };
+            import(ctx, file, name, limits).await
+        }
+        ImageCommand::Export { names, file } => export::export(ctx, &names, &file).await,
         ImageCommand::Ls => ls(ctx).await,
-        ImageCommand::Inspect { name } => inspect(ctx, &name).await,
+        ImageCommand::Inspect { names } => inspect(ctx, &names).await,
+        ImageCommand::Tag { source, target } => tag(ctx, &source, &target).await,
         ImageCommand::Rm { names } => rm(ctx, &names).await,
     }
 }
@@ -56,10 +105,22 @@ pub fn normalize(name: &str) -> anyhow::Result<String> {
         .to_string())
 }
 
-async fn import(ctx: &Ctx, file: PathBuf, name: Option<String>) -> anyhow::Result<ExitCode> {
+/// The short form docker prints (`busybox:latest`).
+pub fn familiar(name: &str) -> String {
+    Reference::parse(name)
+        .map(|r| r.familiar())
+        .unwrap_or_else(|_| name.to_string())
+}
+
+async fn import(
+    ctx: &Ctx,
+    file: PathBuf,
+    name: Option<String>,
+    limits: Limits,
+) -> anyhow::Result<ExitCode> {
     let archive = {
         let file = file.clone();
-        tokio::task::spawn_blocking(move || Archive::open(&file)).await?
+        tokio::task::spawn_blocking(move || Archive::open_with(&file, limits)).await?
     }
     .with_context(|| format!("cannot import {}", file.display()))?;
     let archive = Arc::new(archive);
@@ -82,14 +143,14 @@ async fn import(ctx: &Ctx, file: PathBuf, name: Option<String>) -> anyhow::Resul
         };
         let found = archive
             .resolve(image, &platform)
-            .with_context(|| format!("cannot import {image_name}"))?;
+            .with_context(|| format!("cannot import {}", familiar(&image_name)))?;
         resolved.push((image_name, image.target.clone(), found));
     }
 
     // The lease keeps what this import writes until the image records exist.
     let metadata = ctx.metadata();
     let expires = berth_proto::Timestamp {
-        unix_nanos: berth_proto::Timestamp::now().unix_nanos + 3600 * 1_000_000_000,
+        unix_nanos: output::now_nanos() + 3600 * 1_000_000_000,
     };
     let lease = metadata
         .create_lease(&mpb::CreateLeaseRequest {
@@ -118,19 +179,28 @@ async fn import_leased(
     resolved: &[(String, Descriptor, berth_oci::ResolvedImage)],
     lease_id: &str,
 ) -> anyhow::Result<()> {
+    let total = archive.blobs().iter().map(|d| d.size).sum();
+    let progress = Progress::new("importing", total);
     for desc in archive.blobs() {
-        push_blob(ctx, archive, desc, lease_id).await?;
+        push_blob(ctx, archive, desc, lease_id, &progress).await?;
     }
+    progress.finish();
+
     for (name, target, image) in resolved {
-        let unpacked = ctx
-            .snapshot()
+        // Applying layers takes time in proportion to their size: the
+        // request gets a second per MiB on top of the usual timeout.
+        let mut snapshot = ctx.snapshot();
+        let bytes: u64 = image.layers.iter().map(|l| l.size).sum();
+        let extra = std::time::Duration::from_secs(bytes >> 20);
+        snapshot.client = snapshot.client.with_timeout(ctx.client.timeout() + extra);
+        let unpacked = snapshot
             .unpack(&spb::UnpackRequest {
                 layers: image.layers.iter().map(to_pb).collect(),
                 diff_ids: image.diff_ids.iter().map(|d| d.to_string()).collect(),
                 lease_id: lease_id.to_string(),
             })
             .await
-            .with_context(|| format!("cannot unpack {name}"))?;
+            .with_context(|| format!("cannot unpack {}", familiar(name)))?;
         let record = mpb::Image {
             name: name.clone(),
             target: Some(to_pb(target)),
@@ -138,34 +208,42 @@ async fn import_leased(
             chain_id: unpacked.chain_id.clone(),
             ..Default::default()
         };
-        let metadata = ctx.metadata();
-        let created = metadata
-            .create_image(&mpb::CreateImageRequest {
-                image: Some(record.clone()),
-            })
-            .await;
-        match created {
-            Err(err) if err.code == berth_bus::Code::AlreadyExists => {
-                metadata
-                    .update_image(&mpb::UpdateImageRequest {
-                        image: Some(record),
-                        field_mask: Vec::new(),
-                    })
-                    .await?;
-            }
-            other => {
-                other?;
-            }
-        }
-        let short = Reference::parse(name)
-            .map(|r| r.familiar())
-            .unwrap_or_else(|_| name.clone());
-        println!("imported {short} ({})", image.manifest_digest);
+        put_image(ctx, record).await?;
+        println!("imported {} ({})", familiar(name), image.manifest_digest);
     }
     Ok(())
 }
 
-fn to_pb(desc: &Descriptor) -> berth_proto::Descriptor {
+/// Records an image, replacing the record a name had (as docker re-tags).
+async fn put_image(ctx: &Ctx, record: mpb::Image) -> anyhow::Result<()> {
+    let metadata = ctx.metadata();
+    let created = metadata
+        .create_image(&mpb::CreateImageRequest {
+            image: Some(record.clone()),
+        })
+        .await;
+    match created {
+        Err(err) if err.code == Code::AlreadyExists => {
+            metadata
+                .update_image(&mpb::UpdateImageRequest {
+                    image: Some(record),
+                    field_mask: vec![
+                        "target".to_string(),
+                        "config_digest".to_string(),
+                        "chain_id".to_string(),
+                    ],
+                })
+                .await?;
+        }
+        other => {
+            other?;
+        }
+    }
+    Ok(())
+}
+
+/// A descriptor on the wire.
+pub fn to_pb(desc: &Descriptor) -> berth_proto::Descriptor {
     berth_proto::Descriptor {
         media_type: desc.media_type.clone(),
         digest: desc.digest.to_string(),
@@ -175,68 +253,45 @@ fn to_pb(desc: &Descriptor) -> berth_proto::Descriptor {
 }
 
 /// Writes one blob into the content store through a resumable ingest,
-/// unless the store has it already; either way the commit attaches it to the
-/// lease and stamps it as used.
+/// unless the namespace holds it already; either way the commit attaches it
+/// to the lease and stamps it as used.
+///
+/// Two things are waited out rather than reported: another import holding
+/// the same ingest (the content service refuses a second writer for a few
+/// seconds), and gc taking a blob the namespace held between `open` and the
+/// commit (the commit is refused; the next attempt uploads it again).
 async fn push_blob(
     ctx: &Ctx,
     archive: &Arc<Archive>,
     desc: &Descriptor,
     lease_id: &str,
+    progress: &Progress,
 ) -> anyhow::Result<()> {
     let content = ctx.content();
     let digest = desc.digest.to_string();
-    let reference = format!("import-{}", desc.digest.hex());
-    let opened = content
-        .open(&cpb::OpenRequest {
-            r#ref: reference.clone(),
-            expected_digest: digest.clone(),
-            expected_size: desc.size as i64,
-            lease_id: lease_id.to_string(),
-        })
-        .await?;
-    if !opened.exists {
-        let chunk = ctx.client.max_body();
-        let mut offset = opened.offset as u64;
+    let open = cpb::OpenRequest {
+        r#ref: format!("import-{}", desc.digest.hex()),
+        expected_digest: digest.clone(),
+        expected_size: desc.size as i64,
+        lease_id: lease_id.to_string(),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
         let mut reader = archive.blob(&desc.digest)?;
-        reader.seek(SeekFrom::Start(offset))?;
-        let mut buf = vec![0; chunk];
-        loop {
-            let n = read_full(&mut reader, &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            let written = content
-                .write(&cpb::WriteRequest {
-                    r#ref: reference.clone(),
-                    offset: offset as i64,
-                    data: bytes::Bytes::copy_from_slice(&buf[..n]),
-                })
-                .await?;
-            offset = written.offset as u64;
+        let pushed = content.push(&open, &mut reader, Default::default()).await;
+        let retry = match &pushed {
+            Err(err) if err.code == berth_bus::Code::FailedPrecondition => true,
+            Err(err) if err.code == berth_bus::Code::NotFound => true,
+            _ => false,
+        };
+        if retry && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            continue;
         }
+        pushed.with_context(|| format!("blob {digest} refused"))?;
+        progress.add(desc.size);
+        return Ok(());
     }
-    content
-        .commit(&cpb::CommitRequest {
-            r#ref: reference,
-            size: desc.size as i64,
-            digest: digest.clone(),
-            labels: Default::default(),
-            lease_id: lease_id.to_string(),
-        })
-        .await
-        .with_context(|| format!("blob {digest} refused"))?;
-    Ok(())
-}
-
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    Ok(filled)
 }
 
 async fn ls(ctx: &Ctx) -> anyhow::Result<ExitCode> {
@@ -247,7 +302,7 @@ async fn ls(ctx: &Ctx) -> anyhow::Result<ExitCode> {
         .images;
     if ctx.json {
         output::json(&serde_json::Value::Array(
-            images.iter().map(image_json).collect(),
+            images.iter().map(|i| image_json(i, None)).collect(),
         ));
         return Ok(ExitCode::SUCCESS);
     }
@@ -255,18 +310,11 @@ async fn ls(ctx: &Ctx) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|image| {
             let target = image.target.clone().unwrap_or_default();
+            let digest = target.digest.strip_prefix("sha256:").unwrap_or_default();
             vec![
-                Reference::parse(&image.name)
-                    .map(|r| r.familiar())
-                    .unwrap_or_else(|_| image.name.clone()),
-                target.digest.chars().take(19).collect(),
-                output::time(
-                    image
-                        .created_at
-                        .as_ref()
-                        .map(|t| t.unix_nanos)
-                        .unwrap_or_default(),
-                ),
+                familiar(&image.name),
+                digest.chars().take(12).collect(),
+                output::ago(output::nanos(image.created_at.as_ref())),
             ]
         })
         .collect();
@@ -274,21 +322,44 @@ async fn ls(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn image_json(image: &mpb::Image) -> serde_json::Value {
+/// One image as `ls --json` and `inspect` print it; `config` is the image
+/// config blob, when read.
+fn image_json(image: &mpb::Image, config: Option<serde_json::Value>) -> serde_json::Value {
     let target = image.target.clone().unwrap_or_default();
-    serde_json::json!({
+    let mut out = serde_json::json!({
         "name": image.name,
         "target": {"mediaType": target.media_type, "digest": target.digest, "size": target.size},
-        "config": image.config_digest,
+        "configDigest": image.config_digest,
         "chainId": image.chain_id,
         "labels": image.labels,
-        "created": output::time(image.created_at.as_ref().map(|t| t.unix_nanos).unwrap_or_default()),
-    })
+        "created": output::time(output::nanos(image.created_at.as_ref())),
+    });
+    if let Some(config) = config {
+        out["config"] = config;
+    }
+    out
 }
 
-async fn inspect(ctx: &Ctx, name: &str) -> anyhow::Result<ExitCode> {
-    let image = get(ctx, name).await?;
-    output::json(&image_json(&image));
+async fn inspect(ctx: &Ctx, names: &[String]) -> anyhow::Result<ExitCode> {
+    let mut out = Vec::new();
+    for name in names {
+        let image = get(ctx, name).await?;
+        let config = ctx
+            .content()
+            .read_all(&image.config_digest)
+            .await
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .map(|config| {
+                serde_json::json!({
+                    "architecture": config["architecture"],
+                    "os": config["os"],
+                    "config": config["config"],
+                })
+            });
+        out.push(image_json(&image, config));
+    }
+    output::json(&serde_json::Value::Array(out));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -301,9 +372,23 @@ pub async fn get(ctx: &Ctx, name: &str) -> anyhow::Result<mpb::Image> {
         .await
     {
         Ok(reply) => Ok(reply.image.unwrap_or_default()),
-        Err(err) if err.code == berth_bus::Code::NotFound => anyhow::bail!("no such image: {name}"),
+        Err(err) if err.code == Code::NotFound => anyhow::bail!("no such image: {name}"),
         Err(err) => Err(err.into()),
     }
+}
+
+async fn tag(ctx: &Ctx, source: &str, target: &str) -> anyhow::Result<ExitCode> {
+    let image = get(ctx, source).await?;
+    let record = mpb::Image {
+        name: normalize(target)?,
+        target: image.target,
+        config_digest: image.config_digest,
+        chain_id: image.chain_id,
+        labels: image.labels,
+        ..Default::default()
+    };
+    put_image(ctx, record).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn rm(ctx: &Ctx, names: &[String]) -> anyhow::Result<ExitCode> {
@@ -314,7 +399,7 @@ async fn rm(ctx: &Ctx, names: &[String]) -> anyhow::Result<ExitCode> {
         };
         match ctx.metadata().delete_image(&request).await {
             Ok(_) => println!("{name}"),
-            Err(err) if err.code == berth_bus::Code::NotFound => {
+            Err(err) if err.code == Code::NotFound => {
                 eprintln!("berth: no such image: {name}");
                 code = ExitCode::from(1);
             }

@@ -1,9 +1,28 @@
 //! `berth`: the client, shaped like `ctr` and `nerdctl`.
+//!
+//! Every command is a handful of requests to the services over NATS; the
+//! client keeps no state of its own. Tables go to stdout for people, `--json`
+//! prints the same facts for scripts, and every failure is one line on
+//! stderr with exit code 125 (docker's code for "the tool failed", as
+//! opposed to the container's own status).
 
+mod attach;
+mod cluster;
+mod connect;
+mod containers;
+mod events;
+mod exec;
+mod export;
+mod flags;
+mod follow;
 mod images;
+mod logs;
 mod output;
+mod plumbing;
+mod progress;
+mod ps;
 mod run;
-mod sys;
+mod stats;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,7 +33,7 @@ use berth_bus::{api, Client};
 
 /// berth: a container lifecycle manager over NATS.
 #[derive(Parser)]
-#[command(name = "berth", version, about)]
+#[command(name = "berth", version)]
 pub struct Cli {
     /// NATS server to talk to.
     #[arg(
@@ -33,15 +52,19 @@ pub struct Cli {
         default_value = "default"
     )]
     namespace: String,
-    /// Node for task and snapshot commands (default: this host's node id).
+    /// Node for new containers and snapshot commands (default: this host's
+    /// node id); commands on an existing container go to its own node.
     #[arg(long, global = true, env = "BERTH_NODE")]
     node: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
-    /// Seconds each request may take.
+    /// Seconds each request may take; an unpack gets a second more per MiB
+    /// of layers, and `stop` its grace period.
     #[arg(long, global = true, default_value_t = 30)]
     timeout: u64,
+    #[command(flatten)]
+    auth: connect::NatsAuth,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,26 +76,52 @@ enum Command {
     Image(images::ImageCommand),
     /// Run a command in a new container.
     Run(run::RunArgs),
-    /// List containers.
-    Ps(sys::PsArgs),
+    /// Create a container and its task without starting it.
+    Create(run::CreateArgs),
+    /// Start created or stopped containers.
+    Start(containers::StartArgs),
+    /// Stop containers: the stop signal, then SIGKILL after a grace period.
+    Stop(containers::StopArgs),
+    /// Send a signal to containers' tasks.
+    Kill(containers::KillArgs),
     /// Remove containers.
-    Rm(sys::RmArgs),
-    /// Send a signal to a container's task.
-    Kill(sys::KillArgs),
-    /// Wait for a container's task to exit and print its status.
-    Wait(sys::WaitArgs),
+    Rm(containers::RmArgs),
+    /// List containers.
+    Ps(ps::PsArgs),
+    /// Show containers' records and task states as JSON.
+    Inspect(ps::InspectArgs),
     /// Print a container's output.
-    Logs(sys::LogsArgs),
-    /// Collect garbage now.
-    Gc(sys::GcArgs),
-    /// Print events as they happen.
-    Events(sys::EventsArgs),
+    Logs(logs::LogsArgs),
+    /// Run a command in a running container.
+    Exec(exec::ExecArgs),
+    /// Freeze every process of containers.
+    Pause(containers::IdsArgs),
+    /// Thaw paused containers.
+    Resume(containers::IdsArgs),
+    /// Wait for containers to exit and print their status.
+    Wait(containers::IdsArgs),
+    /// Show containers' resource use.
+    Stats(stats::StatsArgs),
+    /// List the processes of a container.
+    Top(stats::TopArgs),
+    /// Print events, live or replayed from the stream.
+    Events(events::EventsArgs),
     /// Inspect the content store.
     #[command(subcommand)]
-    Content(sys::ContentCommand),
-    /// Inspect snapshots.
+    Content(plumbing::ContentCommand),
+    /// Inspect snapshots on the node.
     #[command(subcommand)]
-    Snapshot(sys::SnapshotCommand),
+    Snapshot(plumbing::SnapshotCommand),
+    /// Manage leases.
+    #[command(subcommand)]
+    Lease(plumbing::LeaseCommand),
+    /// Collect garbage now, or explain why an object stays.
+    Gc(cluster::GcArgs),
+    /// Manage namespaces.
+    #[command(subcommand)]
+    Ns(cluster::NsCommand),
+    /// List the nodes and the services each runs.
+    Nodes,
 }
 
 /// Everything a command needs to talk to berth.
@@ -81,7 +130,7 @@ pub struct Ctx {
     pub client: Client,
     /// The namespace.
     pub namespace: String,
-    /// The node for node-local services.
+    /// The node for new containers and node-local plumbing.
     pub node: String,
     /// `--json`.
     pub json: bool,
@@ -104,21 +153,26 @@ impl Ctx {
         }
     }
 
-    /// The snapshot service of the node.
+    /// The snapshot service of `--node`.
     pub fn snapshot(&self) -> api::Snapshot {
+        self.snapshot_on(&self.node)
+    }
+
+    /// The snapshot service of one node.
+    pub fn snapshot_on(&self, node: &str) -> api::Snapshot {
         api::Snapshot {
             client: self.client.clone(),
             namespace: self.namespace.clone(),
-            node: self.node.clone(),
+            node: node.to_string(),
         }
     }
 
-    /// The task service of the node.
-    pub fn task(&self) -> api::Task {
+    /// The task service of one node.
+    pub fn task_on(&self, node: &str) -> api::Task {
         api::Task {
             client: self.client.clone(),
             namespace: self.namespace.clone(),
-            node: self.node.clone(),
+            node: node.to_string(),
         }
     }
 
@@ -132,25 +186,48 @@ impl Ctx {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    berth_bus::trace::init_with("berth", "warn");
+    // Output piped into `head` ends berth quietly, as it ends any other
+    // command line tool, instead of failing on the next write. Sockets are
+    // written with MSG_NOSIGNAL, so this touches only stdout and stderr.
+    // SAFETY: setting a signal's disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+
+    // Usage mistakes exit 125 like every other berth failure; help and
+    // version are not failures.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                ExitCode::from(output::FAILED)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    // The client reports its own failures in one line; async-nats would
+    // log a refused connection a second time.
+    berth_bus::trace::init_with("berth", "warn,async_nats=off");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("berth: {err}");
-            return ExitCode::from(125);
+            return ExitCode::from(output::FAILED);
         }
     };
+
     // One span for the whole command: every request it sends carries its
     // trace context, so the services' spans join one trace.
     let span = tracing::info_span!("berth", otel.name = %cli.command.name());
     let outcome = runtime.block_on(tracing::Instrument::instrument(dispatch(cli), span));
     berth_bus::trace::shutdown(Duration::from_secs(2));
+    // A streaming command may leave a blocking stdin or signal task behind.
+    runtime.shutdown_timeout(Duration::from_millis(100));
     match outcome {
         Ok(code) => code,
         Err(err) => {
             eprintln!("berth: {}", output::describe(&err));
-            ExitCode::from(125)
+            ExitCode::from(output::exit_code(&err))
         }
     }
 }
@@ -161,15 +238,27 @@ impl Command {
         let name = match self {
             Command::Image(_) => "image",
             Command::Run(_) => "run",
-            Command::Ps(_) => "ps",
-            Command::Rm(_) => "rm",
+            Command::Create(_) => "create",
+            Command::Start(_) => "start",
+            Command::Stop(_) => "stop",
             Command::Kill(_) => "kill",
-            Command::Wait(_) => "wait",
+            Command::Rm(_) => "rm",
+            Command::Ps(_) => "ps",
+            Command::Inspect(_) => "inspect",
             Command::Logs(_) => "logs",
-            Command::Gc(_) => "gc",
+            Command::Exec(_) => "exec",
+            Command::Pause(_) => "pause",
+            Command::Resume(_) => "resume",
+            Command::Wait(_) => "wait",
+            Command::Stats(_) => "stats",
+            Command::Top(_) => "top",
             Command::Events(_) => "events",
             Command::Content(_) => "content",
             Command::Snapshot(_) => "snapshot",
+            Command::Lease(_) => "lease",
+            Command::Gc(_) => "gc",
+            Command::Ns(_) => "ns",
+            Command::Nodes => "nodes",
         };
         format!("berth.{name}")
     }
@@ -182,36 +271,52 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(berth_bus::subject::local_node_id);
     berth_bus::subject::check_token("node id", &node)?;
-    let nats = async_nats::ConnectOptions::new()
-        .name("berth")
-        .connection_timeout(Duration::from_secs(2))
-        .connect(&cli.nats)
-        .await
-        .map_err(|err| {
-            anyhow::anyhow!(
-                "cannot reach NATS at {}: {err} (is berthd running?)",
-                cli.nats
-            )
-        })?;
+    if cli.timeout == 0 {
+        anyhow::bail!("--timeout must be at least 1 second");
+    }
+    let nats = connect::connect(&cli.nats, &cli.auth).await?;
     let ctx = Ctx {
         client: Client::new(nats, Duration::from_secs(cli.timeout)),
         namespace: cli.namespace,
         node,
         json: cli.json,
     };
+
     let code = match cli.command {
         Command::Image(command) => images::dispatch(&ctx, command).await?,
         Command::Run(args) => run::run(&ctx, args).await?,
-        Command::Ps(args) => sys::ps(&ctx, args).await?,
-        Command::Rm(args) => sys::rm(&ctx, args).await?,
-        Command::Kill(args) => sys::kill(&ctx, args).await?,
-        Command::Wait(args) => sys::wait(&ctx, args).await?,
-        Command::Logs(args) => sys::logs(&ctx, args).await?,
-        Command::Gc(args) => sys::gc(&ctx, args).await?,
-        Command::Events(args) => sys::events(&ctx, args).await?,
-        Command::Content(command) => sys::content(&ctx, command).await?,
-        Command::Snapshot(command) => sys::snapshot(&ctx, command).await?,
+        Command::Create(args) => run::create(&ctx, args).await?,
+        Command::Start(args) => containers::start(&ctx, args).await?,
+        Command::Stop(args) => containers::stop(&ctx, args).await?,
+        Command::Kill(args) => containers::kill(&ctx, args).await?,
+        Command::Rm(args) => containers::rm(&ctx, args).await?,
+        Command::Ps(args) => ps::ps(&ctx, args).await?,
+        Command::Inspect(args) => ps::inspect(&ctx, args).await?,
+        Command::Logs(args) => logs::logs(&ctx, args).await?,
+        Command::Exec(args) => exec::exec(&ctx, args).await?,
+        Command::Pause(args) => containers::pause(&ctx, args).await?,
+        Command::Resume(args) => containers::resume(&ctx, args).await?,
+        Command::Wait(args) => containers::wait(&ctx, args).await?,
+        Command::Stats(args) => stats::stats(&ctx, args).await?,
+        Command::Top(args) => stats::top(&ctx, args).await?,
+        Command::Events(args) => events::events(&ctx, args).await?,
+        Command::Content(command) => plumbing::content(&ctx, command).await?,
+        Command::Snapshot(command) => plumbing::snapshot(&ctx, command).await?,
+        Command::Lease(command) => plumbing::lease(&ctx, command).await?,
+        Command::Gc(args) => cluster::gc(&ctx, args).await?,
+        Command::Ns(command) => cluster::ns(&ctx, command).await?,
+        Command::Nodes => cluster::nodes(&ctx).await?,
     };
     ctx.client.nats().flush().await.ok();
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -1,17 +1,96 @@
-//! `berth run`: container record, snapshot, task, output, exit status.
+//! `berth create` and `berth run`: the container record, its rootfs
+//! snapshot and its task; `run` then starts it, streams its output and
+//! exits with its status.
 
-use std::io::Write;
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use futures::StreamExt;
-use prost::Message;
 
-use berth_proto::{metadata as mpb, snapshot as spb, task as tpb, Envelope};
+use berth_bus::Code;
+use berth_proto::{metadata as mpb, snapshot as spb, task as tpb};
 
-use crate::{images, Ctx};
+use crate::follow::{self, Followed, Forwarder, Proc};
+use crate::output::{self, Exit};
+use crate::{attach, containers, flags, images, Ctx};
+
+/// What a new container is: `berth create` flags, shared by `berth run`.
+#[derive(Args)]
+pub struct CreateArgs {
+    /// The container's id (default: 12 random hex digits).
+    #[arg(long)]
+    name: Option<String>,
+    /// Set an environment variable: `KEY=value`, or `KEY` to pass berth's own.
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Read environment variables from a file, one `KEY=value` a line.
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_files: Vec<PathBuf>,
+    /// Override the image's entrypoint (an empty string clears it).
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Working directory inside the container.
+    #[arg(short, long)]
+    workdir: Option<String>,
+    /// User: `uid`, `uid:gid`, `name` or `name:group`.
+    #[arg(short, long)]
+    user: Option<String>,
+    /// The container's host name (default: its id).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Labels, `KEY=value`.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Mount the rootfs read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Add a capability (`NET_ADMIN`, `CAP_SYS_TIME`, `ALL`).
+    #[arg(long = "cap-add", value_name = "CAP")]
+    cap_add: Vec<String>,
+    /// Drop a capability (`CHOWN`, `ALL`).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    cap_drop: Vec<String>,
+    /// Every capability and device, no seccomp filter, no masked paths, no
+    /// no-new-privileges: the container may do what root on the node may.
+    #[arg(long)]
+    privileged: bool,
+    /// Loosen a default: `seccomp=unconfined` (no filter), `seccomp=FILE`
+    /// (an OCI linux.seccomp profile instead of the default one),
+    /// `no-new-privileges=false` (setuid binaries work).
+    #[arg(long = "security-opt", value_name = "OPT")]
+    security_opts: Vec<String>,
+    /// Bind-mount a host path: `SRC:DST` or `SRC:DST:ro`.
+    #[arg(short, long = "volume", value_name = "SRC:DST[:ro]")]
+    volumes: Vec<String>,
+    /// Mount a fresh tmpfs at a container path.
+    #[arg(long = "tmpfs", value_name = "DST")]
+    tmpfs: Vec<String>,
+    /// `none` (a private network namespace with loopback only) or `host`.
+    #[arg(long, alias = "network", default_value = "none")]
+    net: String,
+    /// Memory limit: bytes, or with k, m, g (`16m`, `1g`).
+    #[arg(short, long)]
+    memory: Option<String>,
+    /// CPU limit, in CPUs (`0.5`, `2`).
+    #[arg(long)]
+    cpus: Option<String>,
+    /// Most processes the container may have.
+    #[arg(long)]
+    pids_limit: Option<i64>,
+    /// Keep stdin open and pass berth's to the container.
+    #[arg(short, long)]
+    interactive: bool,
+    /// Give the container a terminal.
+    #[arg(short, long)]
+    tty: bool,
+    /// The image.
+    image: String,
+    /// The command and its arguments (default: the image's).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
 
 /// `berth run` flags.
 #[derive(Args)]
@@ -22,38 +101,8 @@ pub struct RunArgs {
     /// Run in the background and print the container id.
     #[arg(short, long)]
     detach: bool,
-    /// The container's id (default: a random one).
-    #[arg(long)]
-    name: Option<String>,
-    /// Set an environment variable, `KEY=value`.
-    #[arg(short, long = "env")]
-    env: Vec<String>,
-    /// Override the image's entrypoint.
-    #[arg(long)]
-    entrypoint: Option<String>,
-    /// Working directory inside the container.
-    #[arg(short, long)]
-    workdir: Option<String>,
-    /// User: `uid`, `uid:gid`, `name` or `name:group`.
-    #[arg(short, long)]
-    user: Option<String>,
-    /// The container's host name.
-    #[arg(long)]
-    hostname: Option<String>,
-    /// `none` (a private network namespace with loopback) or `host`.
-    #[arg(long, default_value = "none")]
-    net: String,
-    /// Mount the rootfs read-only.
-    #[arg(long)]
-    read_only: bool,
-    /// Labels, `KEY=value`.
-    #[arg(long = "label")]
-    labels: Vec<String>,
-    /// The image.
-    image: String,
-    /// The command and its arguments (default: the image's).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    args: Vec<String>,
+    #[command(flatten)]
+    create: CreateArgs,
 }
 
 /// A random container id, as docker prints them (12 hex digits).
@@ -61,28 +110,34 @@ fn new_container_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
 }
 
-fn key_values(pairs: &[String], what: &str) -> anyhow::Result<Vec<(String, String)>> {
-    pairs
-        .iter()
-        .map(|pair| {
-            pair.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .with_context(|| format!("{what} {pair:?} is not KEY=value"))
-        })
-        .collect()
-}
-
-/// Runs `berth run`.
-pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<ExitCode> {
-    let image = images::get(ctx, &args.image).await?;
+/// The run options the flags say, checked before anything is made.
+fn options(args: &CreateArgs, image: &mpb::Image) -> anyhow::Result<mpb::RunOptions> {
     let host_network = match args.net.as_str() {
         "none" => false,
         "host" => true,
-        other => anyhow::bail!("unknown network {other:?}: use none or host"),
+        other => anyhow::bail!("unknown network {other:?}: berth has none and host"),
     };
-    key_values(&args.env, "environment variable")?;
-    let container_id = args.name.clone().unwrap_or_else(new_container_id);
-    let options = mpb::RunOptions {
+    let mut env = Vec::new();
+    for file in &args.env_files {
+        env.extend(flags::env_file(file)?);
+    }
+    env.extend(flags::env_entries(&args.env)?);
+    let binds = args
+        .volumes
+        .iter()
+        .map(|v| flags::bind(v))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let tmpfs = args
+        .tmpfs
+        .iter()
+        .map(|t| flags::tmpfs(t))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(limit) = args.pids_limit.filter(|n| *n < 1) {
+        anyhow::bail!("--pids-limit {limit} must be at least 1");
+    }
+    let security = flags::security_opts(&args.security_opts)?;
+
+    Ok(mpb::RunOptions {
         args: args.args.clone(),
         entrypoint: args
             .entrypoint
@@ -91,27 +146,81 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<ExitCode> {
             .cloned()
             .collect(),
         entrypoint_set: args.entrypoint.is_some(),
-        env: args.env.clone(),
+        env,
         working_dir: args.workdir.clone().unwrap_or_default(),
         user: args.user.clone().unwrap_or_default(),
         hostname: args.hostname.clone().unwrap_or_default(),
         host_network,
         readonly_rootfs: args.read_only,
-        tty: false,
+        tty: args.tty,
+        stdin: args.interactive,
         image_config_digest: image.config_digest.clone(),
-        ..Default::default()
-    };
+        binds,
+        tmpfs,
+        memory_bytes: args
+            .memory
+            .as_deref()
+            .map(flags::parse_memory)
+            .transpose()?
+            .unwrap_or(0),
+        cpu_millis: args
+            .cpus
+            .as_deref()
+            .map(flags::parse_cpus)
+            .transpose()?
+            .unwrap_or(0),
+        pids_limit: args.pids_limit.unwrap_or(0),
+        cap_add: args
+            .cap_add
+            .iter()
+            .map(|c| flags::capability(c))
+            .collect::<anyhow::Result<_>>()?,
+        cap_drop: args
+            .cap_drop
+            .iter()
+            .map(|c| flags::capability(c))
+            .collect::<anyhow::Result<_>>()?,
+        privileged: args.privileged,
+        seccomp_unconfined: security.seccomp_unconfined,
+        seccomp_profile: security.seccomp_profile,
+        allow_new_privileges: security.allow_new_privileges,
+    })
+}
 
-    // The rootfs: an active snapshot on the image's top layer.
-    ctx.snapshot()
-        .prepare(&spb::PrepareRequest {
-            key: container_id.clone(),
-            parent: image.chain_id.clone(),
-            labels: Default::default(),
-            lease_id: String::new(),
+/// Makes the container's rootfs and record on `--node`; returns its id.
+async fn make_container(ctx: &Ctx, args: &CreateArgs) -> anyhow::Result<String> {
+    let image = images::get(ctx, &args.image).await?;
+    let options = options(args, &image)?;
+    let labels = flags::key_values(&args.labels, "label")?;
+    for bind in &options.binds {
+        // Only a local node's paths can be checked from here.
+        if ctx.node == berth_bus::subject::local_node_id()
+            && !std::path::Path::new(&bind.source).exists()
+        {
+            anyhow::bail!("bind source {} does not exist", bind.source);
+        }
+    }
+    let container_id = args.name.clone().unwrap_or_else(new_container_id);
+    if containers::find(ctx, &container_id).await?.is_some() {
+        anyhow::bail!("the container name {container_id:?} is already in use");
+    }
+
+    // A gc that marks between the snapshot and the record would take the
+    // snapshot as no one's: the lease holds it until the record does.
+    let metadata = ctx.metadata();
+    let lease = metadata
+        .create_lease(&mpb::CreateLeaseRequest {
+            lease: Some(mpb::Lease {
+                expires_at: Some(berth_proto::Timestamp {
+                    unix_nanos: output::now_nanos() + 600 * 1_000_000_000,
+                }),
+                labels: [("berth.io/purpose".to_string(), "create".to_string())].into(),
+                ..Default::default()
+            }),
         })
-        .await
-        .with_context(|| format!("cannot prepare the rootfs of {container_id}"))?;
+        .await?
+        .lease
+        .unwrap_or_default();
     let container = mpb::Container {
         container_id: container_id.clone(),
         image: image.name.clone(),
@@ -123,29 +232,134 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<ExitCode> {
         snapshot_key: container_id.clone(),
         node: ctx.node.clone(),
         runtime: "io.berth.runc.v1".to_string(),
-        labels: key_values(&args.labels, "label")?.into_iter().collect(),
+        labels: labels.into_iter().collect(),
         options: Some(options),
         ..Default::default()
     };
-    if let Err(err) = ctx
+    let made = make_leased(ctx, container, &image.chain_id, &lease.lease_id).await;
+    let _ = metadata
+        .delete_lease(&mpb::DeleteLeaseRequest {
+            lease_id: lease.lease_id,
+        })
+        .await;
+    made?;
+    Ok(container_id)
+}
+
+/// The rootfs (an active snapshot on the image's top layer, on the lease)
+/// and then the record; a refused record takes the snapshot back.
+async fn make_leased(
+    ctx: &Ctx,
+    container: mpb::Container,
+    parent: &str,
+    lease_id: &str,
+) -> anyhow::Result<()> {
+    let container_id = container.container_id.clone();
+    ctx.snapshot()
+        .prepare(&spb::PrepareRequest {
+            key: container.snapshot_key.clone(),
+            parent: parent.to_string(),
+            labels: Default::default(),
+            lease_id: lease_id.to_string(),
+        })
+        .await
+        .with_context(|| format!("cannot prepare the rootfs of {container_id}"))?;
+    let created = ctx
         .metadata()
         .create_container(&mpb::CreateContainerRequest {
             container: Some(container),
         })
-        .await
-    {
-        let _ = remove_snapshot(ctx, &container_id).await;
+        .await;
+    if let Err(err) = created {
+        let _ = containers::remove_snapshot(ctx, &ctx.node, &container_id).await;
         return Err(err.into());
     }
+    Ok(())
+}
+
+/// A start or create refused by runc, with docker's exit code: 127 for a
+/// command that is not there, 126 for one that cannot be run.
+pub fn start_failure(err: berth_bus::Error, container_id: &str) -> anyhow::Error {
+    let lower = err.message.to_ascii_lowercase();
+    let code = if err.code != Code::InvalidArgument {
+        output::FAILED
+    } else if lower.contains("not found") || lower.contains("no such file") {
+        127
+    } else if lower.contains("permission denied") {
+        126
+    } else {
+        output::FAILED
+    };
+    anyhow::Error::new(Exit {
+        code,
+        message: format!("cannot start {container_id}: {}", err.message),
+    })
+}
+
+/// Runs `berth create`: record, rootfs and task, not started; prints the id.
+pub async fn create(ctx: &Ctx, args: CreateArgs) -> anyhow::Result<ExitCode> {
+    let container_id = make_container(ctx, &args).await?;
+    ctx.task_on(&ctx.node)
+        .create(&tpb::CreateRequest {
+            container_id: container_id.clone(),
+        })
+        .await
+        .map_err(|err| start_failure(err, &container_id))?;
+    println!("{container_id}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Follows a started process to its exit as `run`, `start -a` and `exec`
+/// do: its output copied, berth's signals passed on, and with `input`
+/// berth's stdin passed too; with `tty` the local terminal is raw and its
+/// size followed.
+pub async fn follow_init(
+    proc: &Proc,
+    tty: bool,
+    input: bool,
+    exits: async_nats::Subscriber,
+) -> anyhow::Result<Followed> {
+    // From here on, signals go to the container instead of ending berth.
+    let mut signals = Forwarder::install()?;
+    let raw = if tty && input {
+        attach::RawTerminal::enter()
+    } else {
+        None
+    };
+    let (task, container_id, exec_id) = (&proc.task, &proc.container_id, &proc.exec_id);
+    let pump =
+        input.then(|| attach::pump_stdin(task.clone(), container_id.clone(), exec_id.clone()));
+    let sizer = (tty && std::io::stdout().is_terminal())
+        .then(|| attach::follow_size(task.clone(), container_id.clone(), exec_id.clone()));
+    let followed = proc.follow(exits, Some(&mut signals)).await;
+    for helper in pump.iter().chain(&sizer) {
+        helper.abort();
+    }
+    drop(raw);
+    followed
+}
+
+/// Runs `berth run`.
+pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<ExitCode> {
+    if args.rm && args.detach {
+        anyhow::bail!(
+            "--rm with -d needs something to remove the container when it exits, \
+             and berth has no such watcher: run it with -d and remove it with berth rm"
+        );
+    }
+    let container_id = make_container(ctx, &args.create).await?;
 
     // Subscribe before the start, so even an instant exit is seen.
-    let exits = exit_events(ctx).await?;
-    let task = ctx.task();
+    let exits = follow::exit_events(ctx, false).await?;
+    let task = ctx.task_on(&ctx.node);
     let started = async {
         task.create(&tpb::CreateRequest {
             container_id: container_id.clone(),
         })
         .await?;
+        if args.create.tty && !args.detach {
+            attach::set_size(&task, &container_id, "").await?;
+        }
         task.start(&tpb::StartRequest {
             container_id: container_id.clone(),
         })
@@ -154,175 +368,30 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<ExitCode> {
     .await;
     if let Err(err) = started {
         if args.rm {
-            let _ = cleanup(ctx, &container_id).await;
+            let _ = containers::cleanup(ctx, &container_id).await;
         }
-        return Err(anyhow::Error::new(err).context(format!("cannot start {container_id}")));
+        return Err(start_failure(err, &container_id));
     }
     if args.detach {
         println!("{container_id}");
         return Ok(ExitCode::SUCCESS);
     }
 
-    let status = follow(ctx, &container_id, exits).await?;
+    let proc = Proc {
+        task,
+        container_id: container_id.clone(),
+        exec_id: String::new(),
+    };
+    let (tty, input) = (args.create.tty, args.create.interactive);
+    let exited = match follow_init(&proc, tty, input, exits).await? {
+        Followed::Exited(exited) => exited,
+        Followed::Detached => {
+            eprintln!("berth: detached from {container_id}, which keeps running");
+            return Ok(ExitCode::from(130));
+        }
+    };
     if args.rm {
-        cleanup(ctx, &container_id).await?;
+        containers::cleanup(ctx, &container_id).await?;
     }
-    Ok(ExitCode::from(status.min(255) as u8))
-}
-
-/// The subscription to the namespace's exit events.
-pub async fn exit_events(ctx: &Ctx) -> anyhow::Result<async_nats::Subscriber> {
-    let subject = berth_bus::subject::event(&ctx.namespace, "tasks.exit")?;
-    Ok(ctx.client.nats().subscribe(subject).await?)
-}
-
-/// Waits for the container's exit event, the task state as a fallback.
-pub async fn wait_exit(
-    ctx: &Ctx,
-    container_id: &str,
-    exits: &mut async_nats::Subscriber,
-) -> anyhow::Result<u32> {
-    loop {
-        // The event is the normal path; the state poll covers an exit that
-        // happened before the subscription.
-        if let Ok(state) = ctx
-            .task()
-            .state(&tpb::StateRequest {
-                container_id: container_id.to_string(),
-                ..Default::default()
-            })
-            .await
-        {
-            if let Some(state) = state.state.filter(|s| s.status == "stopped") {
-                return Ok(state.exit_status);
-            }
-        }
-        match tokio::time::timeout(Duration::from_secs(1), exits.next()).await {
-            Ok(Some(message)) => {
-                let Ok(envelope) = Envelope::decode(message.payload) else {
-                    continue;
-                };
-                let Ok(event) = tpb::TaskEvent::decode(envelope.payload) else {
-                    continue;
-                };
-                if event.container_id == container_id {
-                    return Ok(event.exit_status);
-                }
-            }
-            Ok(None) => anyhow::bail!("event subscription closed"),
-            Err(_) => continue,
-        }
-    }
-}
-
-/// Copies the container's output to ours until it exits; returns its status.
-async fn follow(
-    ctx: &Ctx,
-    container_id: &str,
-    mut exits: async_nats::Subscriber,
-) -> anyhow::Result<u32> {
-    let mut offsets = [0i64; 2];
-    let waiter = wait_exit(ctx, container_id, &mut exits);
-    tokio::pin!(waiter);
-    let mut status = None;
-    loop {
-        let progressed = copy_output(ctx, container_id, &mut offsets).await?;
-        if let Some(status) = status {
-            if !progressed {
-                return Ok(status);
-            }
-            continue;
-        }
-        if !progressed {
-            tokio::select! {
-                exited = &mut waiter => status = Some(exited?),
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            }
-        }
-    }
-}
-
-/// Pulls what is new of stdout and stderr; true when anything came.
-pub async fn copy_output(
-    ctx: &Ctx,
-    container_id: &str,
-    offsets: &mut [i64; 2],
-) -> anyhow::Result<bool> {
-    let mut progressed = false;
-    for (index, stream) in [tpb::Stream::Stdout, tpb::Stream::Stderr]
-        .into_iter()
-        .enumerate()
-    {
-        let reply = ctx
-            .task()
-            .logs(&tpb::LogsRequest {
-                container_id: container_id.to_string(),
-                stream: stream as i32,
-                offset: offsets[index],
-                length: ctx.client.max_body() as i64,
-                ..Default::default()
-            })
-            .await?;
-        if reply.data.is_empty() {
-            continue;
-        }
-        offsets[index] += reply.data.len() as i64;
-        progressed = true;
-        if index == 0 {
-            let mut out = std::io::stdout().lock();
-            out.write_all(&reply.data)?;
-            out.flush()?;
-        } else {
-            let mut err = std::io::stderr().lock();
-            err.write_all(&reply.data)?;
-            err.flush()?;
-        }
-    }
-    Ok(progressed)
-}
-
-async fn remove_snapshot(ctx: &Ctx, key: &str) -> anyhow::Result<()> {
-    ctx.snapshot()
-        .remove(&spb::RemoveRequest {
-            key: key.to_string(),
-            unless_touched_since: 0,
-        })
-        .await?;
-    Ok(())
-}
-
-/// Deletes the task, the container record and its snapshot.
-pub async fn cleanup(ctx: &Ctx, container_id: &str) -> anyhow::Result<()> {
-    match ctx
-        .task()
-        .delete(&tpb::DeleteRequest {
-            container_id: container_id.to_string(),
-            ..Default::default()
-        })
-        .await
-    {
-        Ok(_) => {}
-        Err(err) if err.code == berth_bus::Code::NotFound => {}
-        Err(err) => return Err(err.into()),
-    }
-    let container = ctx
-        .metadata()
-        .get_container(&mpb::GetContainerRequest {
-            container_id: container_id.to_string(),
-        })
-        .await?
-        .container
-        .unwrap_or_default();
-    ctx.metadata()
-        .delete_container(&mpb::DeleteContainerRequest {
-            container_id: container_id.to_string(),
-        })
-        .await?;
-    match remove_snapshot(ctx, &container.snapshot_key).await {
-        Ok(()) => Ok(()),
-        Err(err) => match err.downcast_ref::<berth_bus::Error>() {
-            Some(err) if err.code == berth_bus::Code::NotFound => Ok(()),
-            _ => Err(err),
-        },
-    }
+    Ok(ExitCode::from(exited.status.min(255) as u8))
 }
