@@ -350,17 +350,24 @@ pub async fn cleanup(ctx: &Ctx, container_id: &str) -> anyhow::Result<()> {
         Err(err) if err.code != Code::NotFound => return Err(err.into()),
         _ => {}
     }
-    ctx.metadata()
-        .delete_container(&mpb::DeleteContainerRequest {
-            container_id: container_id.to_string(),
-        })
-        .await?;
     let node = if container.node.is_empty() {
         ctx.node.clone()
     } else {
         container.node.clone()
     };
-    match remove_snapshot(ctx, &node, &container.snapshot_key).await {
+    // The record and the rootfs go at once: neither needs the other gone
+    // first, and a rootfs whose record went first is gc's to take anyway.
+    let metadata = ctx.metadata();
+    let request = mpb::DeleteContainerRequest {
+        container_id: container_id.to_string(),
+        ..Default::default()
+    };
+    let (record, rootfs) = tokio::join!(
+        metadata.delete_container(&request),
+        remove_snapshot(ctx, &node, &container.snapshot_key)
+    );
+    record?;
+    match rootfs {
         Err(err) if err.code != Code::NotFound => Err(err.into()),
         _ => Ok(()),
     }

@@ -186,19 +186,28 @@ fn print(ctx: &Ctx, sequence: u64, envelope: &Envelope) {
     let time = output::time(output::nanos(envelope.timestamp.as_ref()));
     let subject = summary(&envelope.topic, &envelope.payload);
     if ctx.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "sequence": sequence,
-                "time": time,
-                "topic": envelope.topic,
-                "namespace": envelope.namespace,
-                "node": envelope.node,
-                "source": envelope.source,
-                "generation": envelope.generation,
-                "object": subject,
-            })
-        );
+        let mut line = serde_json::json!({
+            "sequence": sequence,
+            "time": time,
+            "unix_nanos": output::nanos(envelope.timestamp.as_ref()),
+            "topic": envelope.topic,
+            "namespace": envelope.namespace,
+            "node": envelope.node,
+            "source": envelope.source,
+            "generation": envelope.generation,
+            "object": subject,
+        });
+        // Exits carry the time the shim reaped the process, to the
+        // nanosecond: what a watcher measures its delay against.
+        if envelope.topic.starts_with("tasks.") {
+            if let Some(at) = tpb::TaskEvent::decode(&envelope.payload[..])
+                .ok()
+                .and_then(|event| event.exited_at)
+            {
+                line["exited_at_unix_nanos"] = at.unix_nanos.into();
+            }
+        }
+        println!("{line}");
     } else {
         println!(
             "{sequence} {time} {} {} {subject}",

@@ -6,7 +6,6 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Args;
 
 use berth_bus::Code;
@@ -205,22 +204,10 @@ async fn make_container(ctx: &Ctx, args: &CreateArgs) -> anyhow::Result<String> 
         anyhow::bail!("the container name {container_id:?} is already in use");
     }
 
-    // A gc that marks between the snapshot and the record would take the
-    // snapshot as no one's: the lease holds it until the record does.
-    let metadata = ctx.metadata();
-    let lease = metadata
-        .create_lease(&mpb::CreateLeaseRequest {
-            lease: Some(mpb::Lease {
-                expires_at: Some(berth_proto::Timestamp {
-                    unix_nanos: output::now_nanos() + 600 * 1_000_000_000,
-                }),
-                labels: [("berth.io/purpose".to_string(), "create".to_string())].into(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .lease
-        .unwrap_or_default();
+    // The record first, then its rootfs: gc keeps a snapshot that a
+    // container record names, so no moment leaves the snapshot unowned and
+    // no lease is needed to cover one. A record whose rootfs could not be
+    // made is taken back.
     let container = mpb::Container {
         container_id: container_id.clone(),
         image: image.name.clone(),
@@ -236,45 +223,33 @@ async fn make_container(ctx: &Ctx, args: &CreateArgs) -> anyhow::Result<String> 
         options: Some(options),
         ..Default::default()
     };
-    let made = make_leased(ctx, container, &image.chain_id, &lease.lease_id).await;
-    let _ = metadata
-        .delete_lease(&mpb::DeleteLeaseRequest {
-            lease_id: lease.lease_id,
-        })
-        .await;
-    made?;
-    Ok(container_id)
-}
-
-/// The rootfs (an active snapshot on the image's top layer, on the lease)
-/// and then the record; a refused record takes the snapshot back.
-async fn make_leased(
-    ctx: &Ctx,
-    container: mpb::Container,
-    parent: &str,
-    lease_id: &str,
-) -> anyhow::Result<()> {
-    let container_id = container.container_id.clone();
-    ctx.snapshot()
-        .prepare(&spb::PrepareRequest {
-            key: container.snapshot_key.clone(),
-            parent: parent.to_string(),
-            labels: Default::default(),
-            lease_id: lease_id.to_string(),
-        })
-        .await
-        .with_context(|| format!("cannot prepare the rootfs of {container_id}"))?;
-    let created = ctx
-        .metadata()
+    let snapshot_key = container.snapshot_key.clone();
+    ctx.metadata()
         .create_container(&mpb::CreateContainerRequest {
             container: Some(container),
         })
+        .await?;
+    let prepared = ctx
+        .snapshot()
+        .prepare(&spb::PrepareRequest {
+            key: snapshot_key,
+            parent: image.chain_id.clone(),
+            labels: Default::default(),
+            lease_id: String::new(),
+        })
         .await;
-    if let Err(err) = created {
-        let _ = containers::remove_snapshot(ctx, &ctx.node, &container_id).await;
-        return Err(err.into());
+    if let Err(err) = prepared {
+        let _ = ctx
+            .metadata()
+            .delete_container(&mpb::DeleteContainerRequest {
+                container_id: container_id.clone(),
+                ..Default::default()
+            })
+            .await;
+        return Err(anyhow::Error::new(err)
+            .context(format!("cannot prepare the rootfs of {container_id}")));
     }
-    Ok(())
+    Ok(container_id)
 }
 
 /// A start or create refused by runc, with docker's exit code: 127 for a

@@ -13,8 +13,11 @@
 //!
 //! # Limitations
 //!
-//! The profile lists x86_64 and aarch64 (with their 32-bit compat modes);
-//! on another architecture no default filter is applied, and a warning says
+//! The profile lists x86_64 and aarch64, each with its native system-call
+//! ABI only: a 32-bit program (i386, x32, arm) is stopped by the filter and
+//! needs a profile of its own. runc builds the filter once per ABI listed,
+//! and the compat ones made most of the cost of seccomp at create. On
+//! another architecture no default filter is applied, and a warning says
 //! so. The clone rule reads the flags in the first argument, which is where
 //! both of those architectures pass them.
 
