@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use berth_bus::events::Outbox;
 use berth_bus::idempotency::RequestLog;
-use berth_bus::store::Env;
+use berth_bus::store::{Durability, Env};
 use berth_bus::{Error, Result};
 
 /// The layout version this code reads and writes.
@@ -120,7 +120,10 @@ pub struct Store {
 impl Store {
     /// Opens the store in `dir`, creating it, and checks its schema version.
     pub fn open(dir: &std::path::Path, node: &str) -> Result<Self> {
-        let env = berth_bus::store::open_env(dir, 4)?;
+        // A node's tasks die with the machine, and a reboot voids their
+        // records (they are reconciled by boot id), so a crash of the
+        // machine may undo the last commit: one sync a commit, not two.
+        let env = berth_bus::store::open_env_with(dir, 4, Durability::Process)?;
         let mut txn = env.write_txn()?;
         let tasks = env.create_database(&mut txn, Some("tasks"))?;
         let meta: Database<Str, RawBytes> = env.create_database(&mut txn, Some("meta"))?;

@@ -233,17 +233,21 @@ async fn pause_resume_exec_ps_and_metrics() -> Result<()> {
         .into_iter()
         .map(|(topic, _)| topic)
         .collect();
+    let at = |topic: &str| topics.iter().position(|t| t == topic);
     for topic in [
         "tasks.paused",
         "tasks.resumed",
+        "tasks.exec-added",
         "tasks.exec-started",
         "tasks.exec-exited",
     ] {
-        assert!(
-            topics.iter().any(|t| t == topic),
-            "no {topic} in {topics:?}"
-        );
+        assert!(at(topic).is_some(), "no {topic} in {topics:?}");
     }
+    assert!(
+        at("tasks.exec-added") < at("tasks.exec-started")
+            && at("tasks.exec-started") < at("tasks.exec-exited"),
+        "exec events out of order: {topics:?}"
+    );
 
     let stopped = task
         .stop(&tpb::StopRequest {

@@ -1,6 +1,6 @@
 //! `exec`: another process in a running task's namespaces and cgroup, with
-//! its own output, state and exit (`tasks.exec-started`,
-//! `tasks.exec-exited`), removed with `delete` under its exec id.
+//! its own output, state and exit (`tasks.exec-added` and
+//! `tasks.exec-started` at once, then `tasks.exec-exited`), removed with `delete` under its exec id.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -83,7 +83,9 @@ async fn start_exec(
         call,
         container_id,
         &record,
-        "tasks.exec-started",
+        // berth adds and starts an exec in one step; watchers that follow
+        // both stages, as containerd has them, see both.
+        &["tasks.exec-added", "tasks.exec-started"],
         &event,
         &reply,
     )?;

@@ -367,7 +367,7 @@ async fn start_task(svc: &TaskService, call: &Call, container_id: &str) -> Resul
     record.pid = pid;
     let reply = pb::StartReply { pid };
     let event = task_event(container_id, &record);
-    svc.commit_change(call, container_id, &record, "tasks.start", &event, &reply)?;
+    svc.commit_change(call, container_id, &record, &["tasks.start"], &event, &reply)?;
     tracing::info!(namespace, container_id, pid, "task started");
     Ok(reply)
 }

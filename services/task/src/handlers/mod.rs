@@ -55,23 +55,26 @@ impl TaskService {
         ShimClient::at_socket(record.socket.clone())
     }
 
-    /// Writes `record` with the event that announces the change and the
-    /// request's outcome, in one transaction.
+    /// Writes `record` with the events that announce the change (`event`
+    /// under each of `topics`, in order) and the request's outcome, in one
+    /// transaction.
     fn commit_change<Rep: Message>(
         &self,
         call: &Call,
         container_id: &str,
         record: &TaskRecord,
-        topic: &str,
+        topics: &[&str],
         event: &pb::TaskEvent,
         reply: &Rep,
     ) -> Result<()> {
         let namespace = call.namespace();
         let mut txn: RwTxn = self.store.env.write_txn()?;
         self.store.put(&mut txn, namespace, container_id, record)?;
-        self.store
-            .outbox
-            .push(&mut txn, namespace, topic, record.generation, event)?;
+        for topic in topics {
+            self.store
+                .outbox
+                .push(&mut txn, namespace, topic, record.generation, event)?;
+        }
         self.store.requests.record(&mut txn, call, reply)?;
         txn.commit()?;
         Ok(())
