@@ -59,7 +59,22 @@ fn load(paths: &Paths, suffix: &str) -> Cgroup {
 }
 
 /// Times the OOM killer killed a process of the cgroup.
+///
+/// Read from the one file that counts them when the usual mount points
+/// have it: loading the cgroup reads the mount table and a dozen memory
+/// files, and this runs between a task's exit and its event.
 pub fn oom_kills(paths: &Paths, suffix: &str) -> u64 {
+    let counted = if let Some(path) = paths.get("memory") {
+        let dir = std::path::Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
+        std::fs::read_to_string(dir.join("memory.oom_control"))
+    } else if let Some(path) = paths.get("") {
+        std::fs::read_to_string(unified_file(path, "memory.events"))
+    } else {
+        Err(std::io::ErrorKind::NotFound.into())
+    };
+    if let Ok(text) = counted {
+        return stat_value(&text, "oom_kill");
+    }
     let cgroup = load(paths, suffix);
     if cgroup.v2() {
         let path = paths.get("").map(String::as_str).unwrap_or(suffix);
