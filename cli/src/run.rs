@@ -223,6 +223,7 @@ async fn make_container(ctx: &Ctx, args: &CreateArgs) -> anyhow::Result<String> 
         options: Some(options),
         ..Default::default()
     };
+    crate::nodes::ensure_unpacked(ctx, &image).await?;
     let snapshot_key = container.snapshot_key.clone();
     ctx.metadata()
         .create_container(&mpb::CreateContainerRequest {
@@ -246,8 +247,9 @@ async fn make_container(ctx: &Ctx, args: &CreateArgs) -> anyhow::Result<String> 
                 ..Default::default()
             })
             .await;
-        return Err(anyhow::Error::new(err)
-            .context(format!("cannot prepare the rootfs of {container_id}")));
+        return Err(
+            anyhow::Error::new(err).context(format!("cannot prepare the rootfs of {container_id}"))
+        );
     }
     Ok(container_id)
 }

@@ -187,7 +187,14 @@ pub(crate) async fn pause(
     record.status = Status::Paused;
     let event = task_event(container_id, &record);
     let reply = pb::PauseReply {};
-    svc.commit_change(&call, container_id, &record, &["tasks.paused"], &event, &reply)?;
+    svc.commit_change(
+        &call,
+        container_id,
+        &record,
+        &["tasks.paused"],
+        &event,
+        &reply,
+    )?;
     tracing::info!(namespace, container_id, "task paused");
     Ok(reply)
 }
@@ -227,7 +234,14 @@ async fn resume_task(
     record.status = Status::Running;
     let event = task_event(container_id, &record);
     let reply = pb::ResumeReply {};
-    svc.commit_change(call, container_id, &record, &["tasks.resumed"], &event, &reply)?;
+    svc.commit_change(
+        call,
+        container_id,
+        &record,
+        &["tasks.resumed"],
+        &event,
+        &reply,
+    )?;
     tracing::info!(namespace, container_id, "task resumed");
     Ok(reply)
 }

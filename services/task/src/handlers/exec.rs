@@ -1,6 +1,7 @@
 //! `exec`: another process in a running task's namespaces and cgroup, with
 //! its own output, state and exit (`tasks.exec-added` and
-//! `tasks.exec-started` at once, then `tasks.exec-exited`), removed with `delete` under its exec id.
+//! `tasks.exec-started` at once, then `tasks.exec-exited`), removed with
+//! `delete` under its exec id.
 
 use std::path::Path;
 use std::sync::Arc;
