@@ -21,6 +21,23 @@ use tempfile::TempDir;
 
 pub use berth_testkit::{fixture, wait_until, NatsServer};
 
+/// One test of a binary at a time: tests share the host's runc state,
+/// cgroups and mounts. Held even after another test failed holding it.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A command's stdout as text.
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A command's stderr as text.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// One berth node: berthd with its own root and state, on its own nats-server.
 pub struct Node {
     /// The NATS server.
@@ -281,6 +298,20 @@ impl Node {
             .args(args)
             .output()
             .context("run berth")?;
+        Ok(output)
+    }
+
+    /// Runs `berth ARGS`, which must exit with `code`; returns its output.
+    pub fn berth_code(&self, args: &[&str], code: i32) -> Result<Output> {
+        let output = self.berth(args)?;
+        anyhow::ensure!(
+            output.status.code() == Some(code),
+            "berth {args:?} exited with {:?}, not {code}:\nstdout: {}\nstderr: {}\nberthd log:\n{}",
+            output.status.code(),
+            stdout(&output),
+            stderr(&output),
+            self.log()
+        );
         Ok(output)
     }
 

@@ -48,6 +48,7 @@ use anyhow::{bail, Context};
 
 use berth_bus::config::{inbox_prefix_for, public_key, read_seed};
 use berth_bus::events::STREAM;
+use berth_bus::nodes::{BUCKET, BUCKET_STREAM};
 
 /// The file name of the server's `authorization` block in an auth directory.
 pub const AUTH_CONF: &str = "nats-auth.conf";
@@ -104,6 +105,10 @@ impl Permissions {
     }
 }
 
+/// Where the content service publishes the progress of its pulls, in
+/// every namespace (`berth.v1.<ns>.content.pull.progress.<pull id>`).
+const PULL_PROGRESS: &str = "berth.v1.*.content.pull.progress.>";
+
 /// Read-only operations, as `<service>.<op>` (nodes are any node).
 const READ_ONLY_OPS: &[&str] = &[
     "metadata.namespaces.get",
@@ -117,6 +122,9 @@ const READ_ONLY_OPS: &[&str] = &[
     "metadata.leases.get",
     "metadata.leases.list",
     "metadata.leases.query",
+    "metadata.nodes.get",
+    "metadata.nodes.list",
+    "metadata.tombstones.list",
     "content.info",
     "content.list",
     "content.read",
@@ -143,6 +151,7 @@ const INTERNAL_OPS: &[&str] = &[
     "metadata.tasks.reserve",
     "metadata.tasks.release",
     "metadata.namespaces.list",
+    "metadata.tombstones.delete",
     "snapshot.*.prune",
     "gc.run",
 ];
@@ -220,23 +229,37 @@ impl Role {
             Role::Admin => return None,
             Role::Observer => Permissions {
                 publish_allow: [ops(READ_ONLY_OPS), discovery(), consume_events()].concat(),
-                subscribe_allow: vec!["berth.v1.*.events.>".into(), own_inbox],
+                subscribe_allow: vec![
+                    "berth.v1.*.events.>".into(),
+                    PULL_PROGRESS.into(),
+                    own_inbox,
+                ],
                 ..Default::default()
             },
-            Role::Content => service(
-                "berth.v1.*.content.>",
-                ops(&["metadata.leases.add"]),
-                &["content"],
-                own_inbox,
-            ),
+            Role::Content => {
+                let mut calls = ops(&["metadata.leases.add"]);
+                // A pull's progress goes out as plain messages on the
+                // service's own subjects, for any follower.
+                calls.push(PULL_PROGRESS.into());
+                service("berth.v1.*.content.>", calls, &["content"], own_inbox)
+            }
             Role::Metadata => {
                 let mut perms = service(
                     "berth.v1.*.metadata.>",
                     ops(&["task.*.list"]),
-                    &["images", "containers", "leases", "namespaces"],
+                    &["images", "containers", "leases", "namespaces", "nodes"],
                     own_inbox,
                 );
                 perms.publish_allow.extend(consume_events());
+                // The registry watches every node's heartbeat.
+                perms.publish_allow.extend(node_bucket());
+                perms.publish_allow.extend([
+                    format!("$JS.API.CONSUMER.CREATE.{BUCKET_STREAM}"),
+                    format!("$JS.API.CONSUMER.CREATE.{BUCKET_STREAM}.>"),
+                    format!("$JS.API.CONSUMER.DELETE.{BUCKET_STREAM}.>"),
+                    format!("$JS.API.CONSUMER.INFO.{BUCKET_STREAM}.>"),
+                    format!("$JS.FC.{BUCKET_STREAM}.>"),
+                ]);
                 perms
             }
             Role::Gc => {
@@ -269,10 +292,15 @@ impl Role {
                     "metadata.tasks.reserve",
                     "metadata.tasks.release",
                     "metadata.tasks.get",
+                    "metadata.tombstones.list",
+                    "metadata.tombstones.delete",
                     "content.info",
                     "content.read",
                 ]);
                 calls.push(format!("berth.v1.*.snapshot.{node}.mounts"));
+                // Its heartbeat, under its own key only.
+                calls.extend(node_bucket());
+                calls.push(format!("$KV.{BUCKET}.{node}"));
                 service(
                     &format!("berth.v1.*.task.{node}.>"),
                     calls,
@@ -302,6 +330,15 @@ fn service(serves: &str, calls: Vec<String>, topics: &[&str], own_inbox: String)
         subscribe_allow: vec![serves.to_string(), "$SRV.>".to_string(), own_inbox],
         allow_responses: true,
     }
+}
+
+/// Opening (or making) the node registry's key-value bucket.
+fn node_bucket() -> Vec<String> {
+    vec![
+        "$JS.API.INFO".to_string(),
+        format!("$JS.API.STREAM.INFO.{BUCKET_STREAM}"),
+        format!("$JS.API.STREAM.CREATE.{BUCKET_STREAM}"),
+    ]
 }
 
 /// Sending micro-service discovery requests (not answering them).
@@ -341,12 +378,14 @@ fn tenant(namespace: &str, own_inbox: String) -> Permissions {
         format!("$JS.API.CONSUMER.MSG.NEXT.{STREAM}.*"),
         format!("$JS.API.CONSUMER.DELETE.{STREAM}.*"),
     ]);
-    let mut publish_deny = vec![format!("{own}.events.>")];
+    // Pull progress is the content service's to say, like events.
+    let progress = format!("{own}.content.pull.progress.>");
+    let mut publish_deny = vec![format!("{own}.events.>"), progress.clone()];
     publish_deny.extend(INTERNAL_OPS.iter().map(|op| format!("{own}.{op}")));
     Permissions {
         publish_allow,
         publish_deny,
-        subscribe_allow: vec![format!("{own}.events.>"), own_inbox],
+        subscribe_allow: vec![format!("{own}.events.>"), progress, own_inbox],
         allow_responses: false,
     }
 }
@@ -567,9 +606,39 @@ mod tests {
             .contains(&"berth.v1.a.metadata.gc.>".to_string()));
         assert_eq!(
             perms.subscribe_allow,
-            vec!["berth.v1.a.events.>".to_string(), "_INBOX_U1.>".to_string()]
+            vec![
+                "berth.v1.a.events.>".to_string(),
+                "berth.v1.a.content.pull.progress.>".to_string(),
+                "_INBOX_U1.>".to_string()
+            ]
         );
+        assert!(perms
+            .publish_deny
+            .contains(&"berth.v1.a.content.pull.progress.>".to_string()));
         assert!(!perms.publish_allow.iter().any(|s| s.contains("berth.v1.*")));
+    }
+
+    #[test]
+    fn a_node_heartbeats_under_its_own_key_and_metadata_watches_them_all() {
+        let task = Role::Task("n1".into()).permissions("_INBOX_U3").unwrap();
+        assert!(task
+            .publish_allow
+            .contains(&"$KV.berth_nodes.n1".to_string()));
+        assert!(!task.publish_allow.iter().any(|s| s == "$KV.berth_nodes.>"));
+        for op in ["tombstones.list", "tombstones.delete"] {
+            assert!(task
+                .publish_allow
+                .contains(&format!("berth.v1.*.metadata.{op}")));
+        }
+        let metadata = Role::Metadata.permissions("_INBOX_U4").unwrap();
+        assert!(metadata
+            .publish_allow
+            .contains(&"$JS.API.CONSUMER.CREATE.KV_berth_nodes.>".to_string()));
+        assert!(!metadata.publish_allow.iter().any(|s| s.starts_with("$KV.")));
+        let tenant = Role::Tenant("a".into()).permissions("_INBOX_U5").unwrap();
+        assert!(tenant
+            .publish_deny
+            .contains(&"berth.v1.a.metadata.tombstones.delete".to_string()));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -91,6 +91,29 @@ struct NatsAuth {
     tls_key: Option<PathBuf>,
 }
 
+/// Which of the five services berthd runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Services {
+    /// All five: a single node.
+    All,
+    /// The cluster's services: content, metadata and gc (one per cluster).
+    Control,
+    /// The node agent: this node's snapshot and task services.
+    Node,
+}
+
+impl Services {
+    /// Whether the cluster's services run here.
+    fn control(self) -> bool {
+        matches!(self, Services::All | Services::Control)
+    }
+
+    /// Whether this node's services run here.
+    fn node(self) -> bool {
+        matches!(self, Services::All | Services::Node)
+    }
+}
+
 /// berthd's flags.
 #[derive(clap::Args)]
 struct Args {
@@ -100,9 +123,25 @@ struct Args {
     /// Where bundles, shim state and rootfs mounts live (tmpfs).
     #[arg(long, default_value = "/run/berth")]
     state: PathBuf,
-    /// NATS server to use; started here when none answers on this host.
+    /// NATS server to use; started here when none answers on this host. A
+    /// comma-separated list names the servers of a cluster (none is
+    /// started then).
     #[arg(long, env = "BERTH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    /// Which services run in this process: `all` (a single node), `control`
+    /// (content, metadata and gc, once per cluster) or `node` (this node's
+    /// snapshot and task services, on every node of a fleet).
+    #[arg(long, env = "BERTH_SERVICES", value_enum, default_value = "all")]
+    services: Services,
+    /// Seconds between this node's heartbeats in the bucket `berth_nodes`
+    /// (fractions allowed, 0.1 to 10); the node is lost after three missed.
+    #[arg(long, env = "BERTH_HEARTBEAT_INTERVAL", default_value_t = 2.0)]
+    heartbeat_interval: f64,
+    /// The content service's root on this host, read for layer blobs
+    /// instead of pulling them over NATS (default with `--services all`:
+    /// `<root>/content`; a node agent pulls unless given).
+    #[arg(long, value_name = "DIR")]
+    content_root: Option<PathBuf>,
     /// This node's id (default: the host name, dots as dashes).
     #[arg(long, env = "BERTH_NODE")]
     node: Option<String>,
@@ -174,86 +213,105 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         let config = identities.config(&args.nats, name, &role);
         async move { berth_bus::connect_with_config(&config?).await }
     };
+    let heartbeat_interval =
+        Duration::try_from_secs_f64(args.heartbeat_interval).map_err(|_| {
+            anyhow::anyhow!(
+                "--heartbeat-interval {} is not a number of seconds",
+                args.heartbeat_interval
+            )
+        })?;
     let mut services = tokio::task::JoinSet::new();
 
-    let config = berth_metadata::Config {
-        root: args.root.join("metadata"),
-    };
-    services.spawn(named(
-        "metadata",
-        berth_metadata::run(
-            connect(Role::Metadata, "berth-metadata").await?,
-            config,
-            shutdown.clone(),
-        ),
-    ));
+    if args.services.control() {
+        let config = berth_metadata::Config {
+            root: args.root.join("metadata"),
+        };
+        services.spawn(named(
+            "metadata",
+            berth_metadata::run(
+                connect(Role::Metadata, "berth-metadata").await?,
+                config,
+                shutdown.clone(),
+            ),
+        ));
 
-    let config = berth_content::Config {
-        root: args.root.join("content"),
-    };
-    services.spawn(named(
-        "content",
-        berth_content::run(
-            connect(Role::Content, "berth-content").await?,
-            config,
-            shutdown.clone(),
-        ),
-    ));
+        let config = berth_content::Config {
+            root: args.root.join("content"),
+        };
+        services.spawn(named(
+            "content",
+            berth_content::run(
+                connect(Role::Content, "berth-content").await?,
+                config,
+                shutdown.clone(),
+            ),
+        ));
+    }
 
-    let config = berth_snapshot::Config {
-        root: args.root.join("snapshot"),
-        node: node.clone(),
-        content_root: Some(args.root.join("content")),
-        limits: berth_snapshot::Limits {
-            max_layer_size: args.max_layer_size,
-            max_layers: args.max_layers,
-            min_free_bytes: args.min_free,
-        },
-    };
-    services.spawn(named(
-        "snapshot",
-        berth_snapshot::run(
-            connect(Role::Snapshot(node.clone()), "berth-snapshot").await?,
-            config,
-            shutdown.clone(),
-        ),
-    ));
+    if args.services.node() {
+        // Beside the content service, layer blobs are read from its files;
+        // a node agent pulls them over NATS unless told where they are.
+        let content_root = match (&args.content_root, args.services) {
+            (Some(root), _) => Some(root.clone()),
+            (None, Services::All) => Some(args.root.join("content")),
+            (None, _) => None,
+        };
+        let config = berth_snapshot::Config {
+            root: args.root.join("snapshot"),
+            node: node.clone(),
+            content_root,
+            limits: berth_snapshot::Limits {
+                max_layer_size: args.max_layer_size,
+                max_layers: args.max_layers,
+                min_free_bytes: args.min_free,
+            },
+        };
+        services.spawn(named(
+            "snapshot",
+            berth_snapshot::run(
+                connect(Role::Snapshot(node.clone()), "berth-snapshot").await?,
+                config,
+                shutdown.clone(),
+            ),
+        ));
 
-    let config = berth_task::Config {
-        root: args.root.join("task"),
-        state: args.state.join("task"),
-        node: node.clone(),
-        shim: args.shim.clone(),
-        runc: args.runc.clone(),
-        confined_namespaces: identities.confined(&args.confined_namespaces),
-    };
-    services.spawn(named(
-        "task",
-        berth_task::run(
-            connect(Role::Task(node.clone()), "berth-task").await?,
-            config,
-            shutdown.clone(),
-        ),
-    ));
+        let config = berth_task::Config {
+            root: args.root.join("task"),
+            state: args.state.join("task"),
+            node: node.clone(),
+            shim: args.shim.clone(),
+            runc: args.runc.clone(),
+            confined_namespaces: identities.confined(&args.confined_namespaces),
+            heartbeat_interval,
+        };
+        config.check()?;
+        services.spawn(named(
+            "task",
+            berth_task::run(
+                connect(Role::Task(node.clone()), "berth-task").await?,
+                config,
+                shutdown.clone(),
+            ),
+        ));
+    }
 
-    let config = berth_gc::Config {
-        interval: Duration::from_secs(args.gc_interval),
-    };
-    services.spawn(named(
-        "gc",
-        berth_gc::run(
-            connect(Role::Gc, "berth-gc").await?,
-            config,
-            shutdown.clone(),
-        ),
-    ));
+    if args.services.control() {
+        let config = berth_gc::Config {
+            interval: Duration::from_secs(args.gc_interval),
+        };
+        services.spawn(named(
+            "gc",
+            berth_gc::run(
+                connect(Role::Gc, "berth-gc").await?,
+                config,
+                shutdown.clone(),
+            ),
+        ));
+    }
 
     let probe = connect(Role::Admin, "berthd").await?;
-    let ready = nats::wait_for_services(
-        &probe,
-        &berth_bus::subject::SERVICES,
-        Duration::from_secs(30),
-    );
+    let subjects = ready_subjects(args.services, &node);
+    let ready = nats::wait_for_services(&probe, &subjects, Duration::from_secs(30));
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -265,7 +323,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             outcome = &mut ready, if !announced => {
                 announced = true;
                 match outcome {
-                    Ok(()) => tracing::info!(%node, nats = %args.nats, "berthd ready"),
+                    Ok(()) => tracing::info!(%node, nats = %args.nats, services = ?args.services, "berthd ready"),
                     Err(err) => tracing::warn!(error = %err, "services slow to register"),
                 }
             }
@@ -301,6 +359,24 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Some(err) => Err(err),
         None => Ok(()),
     }
+}
+
+/// What answers once the services run: `$SRV.PING.<service>` of the
+/// cluster's services, and a `list` on this node's own subjects for the
+/// node's (another node's service would answer a `PING` by name too).
+fn ready_subjects(services: Services, node: &str) -> Vec<String> {
+    let mut subjects = Vec::new();
+    if services.control() {
+        for name in ["metadata", "content", "gc"] {
+            subjects.push(format!("$SRV.PING.{name}"));
+        }
+    }
+    if services.node() {
+        for name in ["snapshot", "task"] {
+            subjects.push(format!("berth.v1.default.{name}.{node}.list"));
+        }
+    }
+    subjects
 }
 
 /// A service's run, labelled with its name for the join set.

@@ -62,10 +62,16 @@ pub enum Access {
     Open,
 }
 
-/// True when something accepts connections at `url`'s host and port.
+/// True when something accepts connections at `url`'s host and port, or
+/// at any of them when `url` lists the servers of a cluster.
 pub fn url_answers(url: &str) -> anyhow::Result<bool> {
-    let (host, port) = host_port(url)?;
-    Ok(answers(&host, port))
+    for one in berth_bus::conn::server_urls(url) {
+        let (host, port) = host_port(one)?;
+        if answers(&host, port) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Makes sure a NATS server answers at `url`: when none does and the URL
@@ -78,10 +84,15 @@ pub async fn ensure_server(
     store: &Path,
     access: &Access,
 ) -> anyhow::Result<Option<LocalServer>> {
-    let (host, port) = host_port(url)?;
-    if answers(&host, port) {
+    if url_answers(url)? {
         return Ok(None);
     }
+    // A cluster's servers are started by whoever runs the cluster: one of
+    // them started here would be a cluster of its own.
+    if berth_bus::conn::server_urls(url).len() > 1 {
+        bail!("no NATS server of the cluster {url} answers");
+    }
+    let (host, port) = host_port(url)?;
     if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "::1" | "[::1]") {
         bail!("no NATS server answers at {url}, and it is not on this host to start one");
     }
@@ -155,22 +166,24 @@ fn write_config(
     Ok(())
 }
 
-/// Waits until every named service answers the micro-service `PING`.
+/// Waits until a request to each subject gets an answer (a
+/// micro-service `PING`, or an op of a service).
 pub async fn wait_for_services(
     nats: &async_nats::Client,
-    names: &[&str],
+    subjects: &[String],
     limit: Duration,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
-    for name in names {
-        let subject = format!("$SRV.PING.{name}");
+    for subject in subjects {
+        let name = subject.as_str();
+        let subject = subject.clone();
         loop {
             let ping = nats.request(subject.clone(), bytes::Bytes::new());
             if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), ping).await {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("the {name} service did not register within {limit:?}");
+                bail!("nothing answered {name} within {limit:?}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -194,5 +207,32 @@ mod tests {
         );
         assert_eq!(host_port("localhost").unwrap(), ("localhost".into(), 4222));
         assert!(host_port("nats://h:port").is_err());
+    }
+
+    #[tokio::test]
+    async fn no_server_is_started_for_a_cluster() {
+        // Two free ports that nothing listens on.
+        let ports: Vec<u16> = (0..2)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let url = format!(
+            "nats://127.0.0.1:{},nats://127.0.0.1:{}",
+            ports[0], ports[1]
+        );
+        assert!(!url_answers(&url).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let started =
+            ensure_server(&url, Path::new("nats-server"), dir.path(), &Access::Open).await;
+        let err = started.err().expect("a cluster's server was started here");
+        assert!(
+            err.to_string().contains("no NATS server of the cluster"),
+            "{err}"
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! What spans the cluster: `gc`, `gc explain`, `ns` and `nodes`.
+//! What spans the cluster: `gc`, `gc explain`, `ns`, and the services
+//! that answer discovery (for `nodes`).
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use berth_proto::{gc as gpb, metadata as mpb};
 
 use crate::{flags, output, Ctx};
 
-/// How long `nodes` collects `$SRV.INFO` replies.
+/// How long discovery collects `$SRV.INFO` replies.
 const DISCOVERY: Duration = Duration::from_millis(500);
 
 /// `berth gc` flags.
@@ -266,9 +267,11 @@ fn node_of(service: &str, subject: &str) -> Option<String> {
     }
 }
 
-/// Lists the nodes that answer, each with its node-local services and
-/// their versions, and the cluster services as node `-`.
-pub async fn nodes(ctx: &Ctx) -> anyhow::Result<ExitCode> {
+/// The services that answer `$SRV.INFO` within a moment, by node (the
+/// cluster's services under `-`), each with its version.
+pub async fn services_by_node(
+    ctx: &Ctx,
+) -> anyhow::Result<BTreeMap<String, BTreeMap<String, String>>> {
     let nats = ctx.client.nats();
     let inbox = nats.new_inbox();
     let mut replies = nats.subscribe(inbox.clone()).await?;
@@ -296,30 +299,7 @@ pub async fn nodes(ctx: &Ctx) -> anyhow::Result<ExitCode> {
             .or_default()
             .insert(info.name, info.version);
     }
-
-    if ctx.json {
-        let nodes: Vec<_> = by_node
-            .iter()
-            .map(|(node, services)| serde_json::json!({"node": node, "services": services}))
-            .collect();
-        output::json(&serde_json::Value::Array(nodes));
-        return Ok(ExitCode::SUCCESS);
-    }
-    if by_node.is_empty() {
-        anyhow::bail!("no berth service answered $SRV.INFO (is berthd running?)");
-    }
-    let rows = by_node
-        .into_iter()
-        .map(|(node, services)| {
-            let list: Vec<String> = services
-                .into_iter()
-                .map(|(name, version)| format!("{name} {version}"))
-                .collect();
-            vec![node, list.join(", ")]
-        })
-        .collect();
-    output::table(&["NODE", "SERVICES"], rows);
-    Ok(ExitCode::SUCCESS)
+    Ok(by_node)
 }
 
 #[cfg(test)]

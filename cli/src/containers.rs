@@ -320,6 +320,16 @@ pub async fn rm(ctx: &Ctx, args: RmArgs) -> anyhow::Result<ExitCode> {
     let force = args.force;
     each(&args.containers, |container_id| async move {
         let container = get(ctx, &container_id).await?;
+        if lost_node(ctx, &container).await? {
+            if !force {
+                anyhow::bail!(
+                    "node {} of container {container_id} is lost, so its task's state is unknown: \
+                     rm -f removes the container and leaves the node a tombstone to apply when it returns",
+                    container.node
+                );
+            }
+            return abandon(ctx, &container).await;
+        }
         let state = task_state(ctx, &container).await?;
         match state.as_ref().map(|s| s.status.as_str()) {
             None | Some("stopped") | Some("created") | Some("unknown") => {}
@@ -332,6 +342,44 @@ pub async fn rm(ctx: &Ctx, args: RmArgs) -> anyhow::Result<ExitCode> {
         cleanup(ctx, &container_id).await
     })
     .await
+}
+
+/// True when the container's node is one the registry holds as lost.
+async fn lost_node(ctx: &Ctx, container: &mpb::Container) -> anyhow::Result<bool> {
+    if container.node.is_empty() {
+        return Ok(false);
+    }
+    let reply = ctx
+        .metadata()
+        .get_node(&mpb::GetNodeRequest {
+            node: container.node.clone(),
+        })
+        .await;
+    match reply {
+        Ok(reply) => Ok(reply
+            .node
+            .is_some_and(|node| node.state == mpb::NodeState::Lost as i32)),
+        Err(err) if err.code == Code::NotFound => Ok(false),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Removes a container whose node is lost: metadata drops the record and
+/// the task's reservation and leaves the node a tombstone, which its task
+/// service applies when it returns (killing the task if it still runs).
+/// The rootfs snapshot stays on the node until gc prunes it there.
+async fn abandon(ctx: &Ctx, container: &mpb::Container) -> anyhow::Result<()> {
+    ctx.metadata()
+        .delete_container(&mpb::DeleteContainerRequest {
+            container_id: container.container_id.clone(),
+            abandon_task: true,
+        })
+        .await?;
+    eprintln!(
+        "berth: node {} is lost: its task of {} goes when the node returns",
+        container.node, container.container_id
+    );
+    Ok(())
 }
 
 /// Deletes the task, the container record and its snapshot; each step

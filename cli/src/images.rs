@@ -1,4 +1,4 @@
-//! `berth image ...`: import, list, inspect, tag, remove and export.
+//! `berth image ...`: pull, import, list, inspect, tag, remove and export.
 //!
 //! An import reads the archive once to check it (every image resolved for
 //! this host before a byte moves), then writes each blob into the content
@@ -23,6 +23,9 @@ use crate::{export, output, Ctx};
 /// `berth image` subcommands.
 #[derive(Subcommand)]
 pub enum ImageCommand {
+    /// Pull an image from an OCI registry (fetched by the content service),
+    /// unpack it and record it.
+    Pull(crate::pull::PullArgs),
     /// Import images from an OCI layout archive or a docker-archive tarball.
     Import {
         /// The archive (plain, gzip or zstd).
@@ -74,6 +77,7 @@ pub enum ImageCommand {
 /// Runs one `berth image` subcommand.
 pub async fn dispatch(ctx: &Ctx, command: ImageCommand) -> anyhow::Result<ExitCode> {
     match command {
+        ImageCommand::Pull(args) => crate::pull::pull(ctx, args).await,
         ImageCommand::Import {
             file,
             name,
@@ -149,20 +153,7 @@ async fn import(
 
     // The lease keeps what this import writes until the image records exist.
     let metadata = ctx.metadata();
-    let expires = berth_proto::Timestamp {
-        unix_nanos: output::now_nanos() + 3600 * 1_000_000_000,
-    };
-    let lease = metadata
-        .create_lease(&mpb::CreateLeaseRequest {
-            lease: Some(mpb::Lease {
-                expires_at: Some(expires),
-                labels: [("berth.io/purpose".to_string(), "import".to_string())].into(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .lease
-        .unwrap_or_default();
+    let lease = write_lease(ctx, "import").await?;
     let outcome = import_leased(ctx, &archive, &resolved, &lease.lease_id).await;
     let _ = metadata
         .delete_lease(&mpb::DeleteLeaseRequest {
@@ -215,7 +206,7 @@ async fn import_leased(
 }
 
 /// Records an image, replacing the record a name had (as docker re-tags).
-async fn put_image(ctx: &Ctx, record: mpb::Image) -> anyhow::Result<()> {
+pub(crate) async fn put_image(ctx: &Ctx, record: mpb::Image) -> anyhow::Result<()> {
     let metadata = ctx.metadata();
     let created = metadata
         .create_image(&mpb::CreateImageRequest {
@@ -407,4 +398,26 @@ async fn rm(ctx: &Ctx, names: &[String]) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(code)
+}
+
+/// A lease for what one import or pull writes, labelled with its purpose:
+/// it keeps the blobs and snapshots until the image records exist, and
+/// lets them go an hour on if the client never comes back to delete it.
+pub(crate) async fn write_lease(ctx: &Ctx, purpose: &str) -> anyhow::Result<mpb::Lease> {
+    let expires = berth_proto::Timestamp {
+        unix_nanos: output::now_nanos() + 3600 * 1_000_000_000,
+    };
+    let lease = ctx
+        .metadata()
+        .create_lease(&mpb::CreateLeaseRequest {
+            lease: Some(mpb::Lease {
+                expires_at: Some(expires),
+                labels: [("berth.io/purpose".to_string(), purpose.to_string())].into(),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .lease
+        .unwrap_or_default();
+    Ok(lease)
 }

@@ -17,10 +17,12 @@ mod flags;
 mod follow;
 mod images;
 mod logs;
+mod nodes;
 mod output;
 mod plumbing;
 mod progress;
 mod ps;
+mod pull;
 mod run;
 mod stats;
 
@@ -120,8 +122,8 @@ enum Command {
     /// Manage namespaces.
     #[command(subcommand)]
     Ns(cluster::NsCommand),
-    /// List the nodes and the services each runs.
-    Nodes,
+    /// List the nodes (state, capacity, services), or ask them all at once.
+    Nodes(nodes::NodesArgs),
 }
 
 /// Everything a command needs to talk to berth.
@@ -258,7 +260,7 @@ impl Command {
             Command::Lease(_) => "lease",
             Command::Gc(_) => "gc",
             Command::Ns(_) => "ns",
-            Command::Nodes => "nodes",
+            Command::Nodes(_) => "nodes",
         };
         format!("berth.{name}")
     }
@@ -305,7 +307,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Lease(command) => plumbing::lease(&ctx, command).await?,
         Command::Gc(args) => cluster::gc(&ctx, args).await?,
         Command::Ns(command) => cluster::ns(&ctx, command).await?,
-        Command::Nodes => cluster::nodes(&ctx).await?,
+        Command::Nodes(args) => nodes::nodes(&ctx, args).await?,
     };
     ctx.client.nats().flush().await.ok();
     Ok(code)

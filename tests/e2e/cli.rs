@@ -8,42 +8,12 @@
 //! tests running at once would share the process's node id and cgroups.
 
 use std::io::Read;
-use std::process::{Output, Stdio};
-use std::sync::Mutex;
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
-use berth_tests::{fixture, wait_until, Node};
-
-static LOCK: Mutex<()> = Mutex::new(());
-
-/// Holds the lock for one test, even after another test failed with it.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// `berth ARGS`, which must exit with `code`; returns its output.
-fn berth_code(node: &Node, args: &[&str], code: i32) -> Result<Output> {
-    let output = node.berth(args)?;
-    ensure!(
-        output.status.code() == Some(code),
-        "berth {args:?} exited with {:?}, not {code}:\nstdout: {}\nstderr: {}\nberthd log:\n{}",
-        output.status.code(),
-        stdout(&output),
-        stderr(&output),
-        node.log()
-    );
-    Ok(output)
-}
+use berth_tests::{fixture, serial, stderr, stdout, wait_until, Node};
 
 /// `berth --json ARGS` parsed.
 fn berth_json(node: &Node, args: &[&str]) -> Result<serde_json::Value> {
@@ -102,7 +72,7 @@ fn every_fixture_image_imports_and_runs() -> Result<()> {
         let imported = import(&node, archive)?;
         ensure!(imported.contains(name), "{archive}: {imported}");
         let want = expected(&format!("{fixture_dir}/expected-output.txt"))?;
-        let output = berth_code(&node, &["run", "--rm", name], 0)?;
+        let output = node.berth_code(&["run", "--rm", name], 0)?;
         ensure!(
             stdout(&output) == want,
             "{archive} printed:\n{}",
@@ -136,7 +106,7 @@ fn every_fixture_image_imports_and_runs() -> Result<()> {
     ensure!(status.success(), "gzip failed");
     let imported = node.berth_ok(&["image", "import", gz.to_str().context("path")?])?;
     ensure!(imported.contains("busybox-gz:latest"), "{imported}");
-    let output = berth_code(&node, &["run", "--rm", "busybox-gz"], 0)?;
+    let output = node.berth_code(&["run", "--rm", "busybox-gz"], 0)?;
     ensure!(stdout(&output) == busybox);
 
     // Debian is too large for the repository; it runs when it is shared.
@@ -144,11 +114,8 @@ fn every_fixture_image_imports_and_runs() -> Result<()> {
         Some(path) => {
             let path = path.to_str().context("path")?;
             node.berth_ok(&["--timeout", "120", "image", "import", path])?;
-            let output = berth_code(
-                &node,
-                &["run", "--rm", "debian", "cat", "/etc/debian_version"],
-                0,
-            )?;
+            let output =
+                node.berth_code(&["run", "--rm", "debian", "cat", "/etc/debian_version"], 0)?;
             ensure!(stdout(&output).starts_with("12."), "{}", stdout(&output));
         }
         None => eprintln!(
@@ -170,7 +137,7 @@ fn images_tag_export_and_import_again() -> Result<()> {
     import(&node, "opaque/opaque.oci.tar")?;
 
     node.berth_ok(&["image", "tag", "busybox", "mybox:1"])?;
-    let output = berth_code(&node, &["run", "--rm", "mybox:1", "echo", "tagged"], 0)?;
+    let output = node.berth_code(&["run", "--rm", "mybox:1", "echo", "tagged"], 0)?;
     ensure!(stdout(&output) == "tagged\n");
     let listed = berth_json(&node, &["image", "ls"])?;
     let names: Vec<&str> = listed
@@ -237,9 +204,9 @@ fn images_tag_export_and_import_again() -> Result<()> {
         imported.contains("mybox:1") && imported.contains("opaque:latest"),
         "{imported}"
     );
-    let output = berth_code(&node, &["run", "--rm", "mybox:1"], 0)?;
+    let output = node.berth_code(&["run", "--rm", "mybox:1"], 0)?;
     ensure!(stdout(&output) == expected("busybox/expected-output.txt")?);
-    let output = berth_code(&node, &["run", "--rm", "opaque"], 0)?;
+    let output = node.berth_code(&["run", "--rm", "opaque"], 0)?;
     ensure!(stdout(&output) == expected("opaque/expected-output.txt")?);
 
     // Unknown names: one line, exit 125, no backtrace.
@@ -248,14 +215,14 @@ fn images_tag_export_and_import_again() -> Result<()> {
         &["run", "--rm", "nope"],
         &["image", "tag", "nope", "other"],
     ] {
-        let output = berth_code(&node, args, 125)?;
+        let output = node.berth_code(args, 125)?;
         ensure!(
             stderr(&output) == "berth: no such image: nope\n",
             "{args:?}: {}",
             stderr(&output)
         );
     }
-    let output = berth_code(&node, &["image", "rm", "nope"], 1)?;
+    let output = node.berth_code(&["image", "rm", "nope"], 1)?;
     ensure!(stderr(&output).contains("no such image: nope"));
     Ok(())
 }
@@ -276,8 +243,7 @@ fn run_flags_are_seen_inside() -> Result<()> {
 
     // -e wins over --env-file; -w, -u and --hostname as given.
     let script = "id -u; pwd; hostname; env | grep -E '^(A|FROM_FILE|SHARED)=' | sort";
-    let output = berth_code(
-        &node,
+    let output = node.berth_code(
         &[
             "run",
             "--rm",
@@ -307,8 +273,7 @@ fn run_flags_are_seen_inside() -> Result<()> {
     );
 
     // --entrypoint replaces the image's command.
-    let output = berth_code(
-        &node,
+    let output = node.berth_code(
         &[
             "run",
             "--rm",
@@ -323,18 +288,13 @@ fn run_flags_are_seen_inside() -> Result<()> {
     ensure!(stdout(&output) == "via entrypoint\n");
 
     // A read-only rootfs refuses writes, except in a tmpfs.
-    let output = berth_code(
-        &node,
-        &["run", "--rm", "--read-only", "busybox", "touch", "/x"],
-        1,
-    )?;
+    let output = node.berth_code(&["run", "--rm", "--read-only", "busybox", "touch", "/x"], 1)?;
     ensure!(
         stderr(&output).contains("Read-only file system"),
         "{}",
         stderr(&output)
     );
-    berth_code(
-        &node,
+    node.berth_code(
         &[
             "run",
             "--rm",
@@ -353,8 +313,7 @@ fn run_flags_are_seen_inside() -> Result<()> {
     std::fs::create_dir(&share)?;
     std::fs::write(share.join("f.txt"), "from the host\n")?;
     let bind = format!("{}:/data", share.display());
-    let output = berth_code(
-        &node,
+    let output = node.berth_code(
         &[
             "run",
             "--rm",
@@ -370,16 +329,14 @@ fn run_flags_are_seen_inside() -> Result<()> {
     ensure!(stdout(&output) == "from the host\n");
     ensure!(std::fs::read_to_string(share.join("g.txt"))? == "in\n");
     let bind_ro = format!("{bind}:ro");
-    berth_code(
-        &node,
+    node.berth_code(
         &["run", "--rm", "-v", &bind_ro, "busybox", "touch", "/data/h"],
         1,
     )?;
 
     // --net none has loopback only; --net host has the node's interfaces.
     let devices = "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '";
-    let output = berth_code(
-        &node,
+    let output = node.berth_code(
         &[
             "run", "--rm", "--net", "none", "busybox", "sh", "-c", devices,
         ],
@@ -387,8 +344,7 @@ fn run_flags_are_seen_inside() -> Result<()> {
     )?;
     ensure!(stdout(&output) == "lo\n", "{}", stdout(&output));
     let host_devices = std::fs::read_to_string("/proc/net/dev")?.lines().count() - 2;
-    let output = berth_code(
-        &node,
+    let output = node.berth_code(
         &[
             "run", "--rm", "--net", "host", "busybox", "sh", "-c", devices,
         ],
@@ -429,7 +385,7 @@ fn run_flags_are_seen_inside() -> Result<()> {
         let mut args = vec!["run", "--rm"];
         args.extend_from_slice(extra);
         args.extend_from_slice(&["busybox", "sh", "-c", "grep CapEff /proc/self/status"]);
-        let output = berth_code(&node, &args, 0)?;
+        let output = node.berth_code(&args, 0)?;
         let text = stdout(&output);
         let hex = text.split_whitespace().nth(1).context("CapEff")?;
         Ok(u64::from_str_radix(hex, 16)?)
@@ -455,11 +411,7 @@ fn run_flags_are_seen_inside() -> Result<()> {
         output.status
     );
     ensure!(stdout(&output) == "piped in\nend\n", "{}", stdout(&output));
-    let output = berth_code(
-        &node,
-        &["run", "--rm", "-t", "busybox", "sh", "-c", "tty"],
-        0,
-    )?;
+    let output = node.berth_code(&["run", "--rm", "-t", "busybox", "sh", "-c", "tty"], 0)?;
     ensure!(
         stdout(&output).starts_with("/dev/pts/"),
         "{}",
@@ -482,7 +434,7 @@ fn run_flags_are_seen_inside() -> Result<()> {
         output.status
     );
     ensure!(stdout(&output) == "to exec\nend\n", "{}", stdout(&output));
-    let output = berth_code(&node, &["exec", "-t", "idle", "sh", "-c", "tty"], 0)?;
+    let output = node.berth_code(&["exec", "-t", "idle", "sh", "-c", "tty"], 0)?;
     ensure!(
         stdout(&output).starts_with("/dev/pts/"),
         "{}",
@@ -491,24 +443,16 @@ fn run_flags_are_seen_inside() -> Result<()> {
     node.berth_ok(&["rm", "-f", "idle"])?;
 
     // What berth cannot do is refused with a reason, exit 125.
-    let output = berth_code(
-        &node,
-        &["run", "--rm", "--net", "bridge", "busybox", "true"],
-        125,
-    )?;
+    let output = node.berth_code(&["run", "--rm", "--net", "bridge", "busybox", "true"], 125)?;
     ensure!(
         stderr(&output).contains("unknown network"),
         "{}",
         stderr(&output)
     );
-    berth_code(
-        &node,
-        &["run", "--rm", "--memory", "16x", "busybox", "true"],
-        125,
-    )?;
+    node.berth_code(&["run", "--rm", "--memory", "16x", "busybox", "true"], 125)?;
 
     // A command the image lacks exits 127, as docker's does.
-    let output = berth_code(&node, &["run", "--rm", "busybox", "no-such-command"], 127)?;
+    let output = node.berth_code(&["run", "--rm", "busybox", "no-such-command"], 127)?;
     ensure!(
         stderr(&output).contains("no-such-command"),
         "{}",
@@ -565,7 +509,7 @@ fn containers_live_and_die_as_docker_says() -> Result<()> {
         lines.len() == 2 && lines.iter().all(|l| l.starts_with("line ")),
         "{tail}"
     );
-    let output = berth_code(&node, &["logs", "-t", "ticker"], 125)?;
+    let output = node.berth_code(&["logs", "-t", "ticker"], 125)?;
     ensure!(
         stderr(&output).contains("not supported"),
         "{}",
@@ -580,8 +524,7 @@ fn containers_live_and_die_as_docker_says() -> Result<()> {
     ensure!(status(&node, "ticker")? == "running");
 
     // exec: its output, its status, and nothing left of it.
-    let output = berth_code(
-        &node,
+    let output = node.berth_code(
         &[
             "exec",
             "ticker",
@@ -592,8 +535,7 @@ fn containers_live_and_die_as_docker_says() -> Result<()> {
         5,
     )?;
     ensure!(stdout(&output) == "from exec\n" && stderr(&output) == "err\n");
-    let output = berth_code(
-        &node,
+    let output = node.berth_code(
         &[
             "exec",
             "-u",
@@ -650,7 +592,7 @@ fn containers_live_and_die_as_docker_says() -> Result<()> {
 
     // rm refuses a running container; rm -f takes it.
     node.berth_ok(&["run", "-d", "--name", "busy", "busybox", "sleep", "600"])?;
-    let output = berth_code(&node, &["rm", "busy"], 125)?;
+    let output = node.berth_code(&["rm", "busy"], 125)?;
     ensure!(
         stderr(&output).contains("stop it first or use rm -f"),
         "{}",
@@ -671,7 +613,7 @@ fn containers_live_and_die_as_docker_says() -> Result<()> {
     ])?;
     ensure!(id == "later\n");
     ensure!(status(&node, "later")? == "created");
-    let output = berth_code(&node, &["start", "-a", "later"], 6)?;
+    let output = node.berth_code(&["start", "-a", "later"], 6)?;
     ensure!(stdout(&output) == "ran\n");
     // logs -f on a running container follows it to its end.
     node.berth_ok(&[
@@ -700,7 +642,7 @@ fn containers_live_and_die_as_docker_says() -> Result<()> {
         &["top", "ghost"],
         &["wait", "ghost"],
     ] {
-        let output = berth_code(&node, args, 125)?;
+        let output = node.berth_code(args, 125)?;
         ensure!(
             stderr(&output) == "berth: no such container: ghost\n",
             "{args:?}: {}",
@@ -753,8 +695,7 @@ fn plumbing_shows_the_stores_underneath() -> Result<()> {
     let _serial = serial();
     let node = Node::start()?;
     import(&node, "busybox/busybox.oci.tar")?;
-    berth_code(
-        &node,
+    node.berth_code(
         &[
             "run", "--rm", "--name", "once", "busybox", "sh", "-c", "exit 4",
         ],
@@ -811,8 +752,7 @@ fn plumbing_shows_the_stores_underneath() -> Result<()> {
     use sha2::Digest as _;
     let sum = hex::encode(sha2::Sha256::digest(std::fs::read(&out)?));
     ensure!(format!("sha256:{sum}") == layer);
-    let output = berth_code(
-        &node,
+    let output = node.berth_code(
         &[
             "content",
             "get",
@@ -837,7 +777,7 @@ fn plumbing_shows_the_stores_underneath() -> Result<()> {
         usage[0]["size"].as_i64().unwrap_or(0) > 1_000_000,
         "{usage}"
     );
-    let output = berth_code(&node, &["snapshot", "rm", "no-such-key"], 125)?;
+    let output = node.berth_code(&["snapshot", "rm", "no-such-key"], 125)?;
     ensure!(
         stderr(&output).contains("no such snapshot"),
         "{}",
@@ -864,7 +804,7 @@ fn plumbing_shows_the_stores_underneath() -> Result<()> {
         "{leases}"
     );
     node.berth_ok(&["lease", "rm", lease])?;
-    let output = berth_code(&node, &["lease", "rm", lease], 125)?;
+    let output = node.berth_code(&["lease", "rm", lease], 125)?;
     ensure!(
         stderr(&output).contains("no such lease"),
         "{}",

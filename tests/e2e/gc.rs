@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -20,7 +20,7 @@ use tokio::runtime::Runtime;
 use berth_bus::api::{Content, Gc, Metadata, Snapshot};
 use berth_bus::{Client, Code};
 use berth_proto::{content as cpb, gc as gpb, metadata as mpb, snapshot as spb};
-use berth_tests::{berth_cgroups, fixture, wait_until, Node};
+use berth_tests::{berth_cgroups, fixture, serial, wait_until, Node};
 
 const BUSYBOX: &str = "busybox/busybox.oci.tar";
 const LAYERS: &str = "layers/layers.oci.tar";
@@ -39,15 +39,6 @@ const BASE_CHAIN_ID: &str =
 /// `opaque`'s base layer: other compressed bytes, the same diff ID.
 const OPAQUE_BASE_LAYER: &str =
     "sha256:d87231b7d5254c6624c4e5b52251a9ccb7c975247465281139f30c52f24a7ee9";
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Holds the host for one test at a time.
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// A container id no other test on this host uses (cgroups are host-wide).
 fn container(name: &str) -> String {

@@ -8,22 +8,13 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{mpsc, Mutex, MutexGuard};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use sha2::{Digest, Sha256};
 
-use berth_tests::{binary, fixture, wait_until, Node, NodeOptions};
-
-/// One node at a time: the tests mount, run containers and share the CPU.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use berth_tests::{binary, fixture, serial, wait_until, Node, NodeOptions};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use berth_bus::Code;
 
+pub use crate::pull::PullError;
+
 /// Why a content operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ContentError {
@@ -219,6 +221,9 @@ pub enum ContentError {
     /// Blocking work panicked or was cancelled (`Internal`).
     #[error("content worker failed")]
     Worker(#[source] tokio::task::JoinError),
+    /// A pull from a registry failed (its own code, see [`PullError`]).
+    #[error(transparent)]
+    Pull(#[from] PullError),
 }
 
 impl ContentError {
@@ -242,6 +247,7 @@ impl ContentError {
             SchemaVersion { .. } | Database(_) | Corrupt { .. } | Io { .. } | Worker(_) => {
                 Code::Internal
             }
+            Pull(pull) => pull.code(),
         }
     }
 

@@ -499,6 +499,19 @@ impl Ingests {
         self.discard(namespace, reference, &slot, &mut state);
     }
 
+    /// Gives up the caller's hold on a ref, so the next `open` takes it at
+    /// once instead of after [`HOLD`]: the content service's own pulls call
+    /// it when they stop writing an ingest they will not commit now (the
+    /// registry broke off), so that a pull started again resumes at once.
+    /// A no-op without the ingest.
+    pub fn release(&self, namespace: &str, reference: &str) {
+        let key = (namespace.to_string(), reference.to_string());
+        let Some(slot) = lock(&self.slots).get(&key).cloned() else {
+            return;
+        };
+        lock(&slot.state).used = None;
+    }
+
     /// What an ingest was opened for, from its file; `None` without one.
     pub fn meta(&self, namespace: &str, reference: &str) -> Result<Option<IngestMeta>> {
         read_meta(&self.dir(namespace, reference))

@@ -10,6 +10,9 @@
 //! visible then only to the namespace that wrote them; another namespace
 //! must write the same bytes to see it, and the file is still stored once.
 //! Bytes leave through `delete`, which gc calls with its mark epoch.
+//!
+//! `pull` fetches an image from an OCI registry into the store through the
+//! same ingests, in this process ([`pull`]).
 
 #![warn(missing_docs)]
 
@@ -19,6 +22,7 @@ pub mod error;
 pub mod events;
 mod handlers;
 pub mod ingest;
+pub mod pull;
 pub mod schema;
 pub mod store;
 
@@ -53,6 +57,9 @@ pub struct ContentService {
     pub store: Store,
     client: Client,
     digest_locks: KeyLocks,
+    pulls: pull::Pulls,
+    /// Cancelled when the service stops: running pulls end then.
+    shutdown: CancellationToken,
 }
 
 impl ContentService {
@@ -122,6 +129,8 @@ pub async fn run(
         store,
         client: Client::new(nats.clone(), berth_bus::client::DEFAULT_TIMEOUT),
         digest_locks: KeyLocks::default(),
+        pulls: pull::Pulls::default(),
+        shutdown: shutdown.child_token(),
     });
     let js = async_nats::jetstream::new(nats.clone());
     berth_bus::events::ensure_stream(&js).await?;
@@ -145,6 +154,7 @@ pub async fn run(
         .op("abort", wire(handlers::ingests::abort))
         .op("status", wire(handlers::ingests::status))
         .op("ingests", wire(handlers::ingests::ingests))
+        .op("pull", wire(handlers::pull::pull))
         .serve(nats)
         .await?;
     shutdown.cancelled().await;

@@ -24,6 +24,10 @@ pub enum Kind {
     Lease,
     /// A task reservation.
     Task,
+    /// A node of the registry.
+    Node,
+    /// A tombstone left for a lost node.
+    Tombstone,
 }
 
 impl Kind {
@@ -35,6 +39,8 @@ impl Kind {
             Kind::Container => "container",
             Kind::Lease => "lease",
             Kind::Task => "task",
+            Kind::Node => "node",
+            Kind::Tombstone => "tombstone",
         }
     }
 }
@@ -144,6 +150,17 @@ pub enum MetadataError {
         /// The generation asked for.
         asked: u64,
     },
+    /// A task was to be abandoned on a node that is not lost: its task
+    /// service still decides (`FailedPrecondition`).
+    #[error("node {node:?} of container {container_id:?} is {state}, not lost: remove the task on the node")]
+    NodeNotLost {
+        /// The container.
+        container_id: String,
+        /// The task's node.
+        node: String,
+        /// The node's state in the registry.
+        state: &'static str,
+    },
     /// The namespace still holds records (`FailedPrecondition`).
     #[error("namespace {namespace:?} still holds {what}")]
     NamespaceNotEmpty {
@@ -214,9 +231,11 @@ impl MetadataError {
             | OtherNamespace { .. } => Code::InvalidArgument,
             NotFound { .. } => Code::NotFound,
             AlreadyExists { .. } => Code::AlreadyExists,
-            HasTask { .. } | OtherNode { .. } | Generation { .. } | NamespaceNotEmpty { .. } => {
-                Code::FailedPrecondition
-            }
+            HasTask { .. }
+            | OtherNode { .. }
+            | Generation { .. }
+            | NodeNotLost { .. }
+            | NamespaceNotEmpty { .. } => Code::FailedPrecondition,
             Bus(source) => source.code,
             SchemaVersion { .. }
             | Database(_)

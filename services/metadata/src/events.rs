@@ -34,6 +34,13 @@ pub const LEASES_DELETE: &str = "leases.delete";
 /// A lease ended by its expiry and was removed.
 pub const LEASES_EXPIRE: &str = "leases.expire";
 
+/// A node is heard from again, or for the first time with tasks, or under a
+/// new boot id (payload `NodeEvent`; in each namespace with a task on it).
+pub const NODES_READY: &str = "nodes.ready";
+/// A node stopped heartbeating: its tasks read as unknown (payload
+/// `NodeEvent`; in each namespace with a task on it).
+pub const NODES_LOST: &str = "nodes.lost";
+
 /// The task events applied to task records (payload `task.TaskEvent`).
 pub mod task {
     /// The init process exists (`runc create`).

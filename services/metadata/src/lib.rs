@@ -18,6 +18,10 @@
 //!   ([`apply`]).
 //! - Expired leases are removed and publish `leases.expire`
 //!   ([`handlers::leases`]).
+//! - Nodes are registered from their heartbeats in the key-value bucket
+//!   `berth_nodes` and marked lost when those stop ([`nodes`]); `nodes.*`
+//!   answers the registry, and a lost node's tasks can be abandoned to
+//!   tombstones it applies when it returns (`tombstones.*`).
 
 pub mod apply;
 pub mod consume;
@@ -25,6 +29,7 @@ pub mod error;
 pub mod events;
 pub mod fields;
 pub mod handlers;
+pub mod nodes;
 pub mod schema;
 pub mod selector;
 pub mod store;
@@ -56,6 +61,8 @@ pub struct MetadataService {
     /// The connection, for the event stream and the reconcile's calls to
     /// task services.
     pub nats: async_nats::Client,
+    /// The nodes heard from, in memory beside their records.
+    pub registry: nodes::Registry,
 }
 
 /// Serves the metadata service until `shutdown` is cancelled.
@@ -73,6 +80,7 @@ pub async fn run(
     let svc = Arc::new(MetadataService {
         store,
         nats: nats.clone(),
+        registry: nodes::Registry::default(),
     });
 
     // The outbox publisher, the task-event consumer and the lease expiry
@@ -85,11 +93,12 @@ pub async fn run(
     ));
     let consumer = tokio::spawn(consume::run(svc.clone(), shutdown.clone()));
     let expiry = tokio::spawn(handlers::leases::run_expiry(svc.clone(), shutdown.clone()));
+    let registry = tokio::spawn(nodes::run(svc.clone(), shutdown.clone()));
 
     let serving = serve(svc.clone(), outbox.wake()).serve(nats).await?;
     shutdown.cancelled().await;
     serving.stop().await;
-    let _ = tokio::join!(publisher, consumer, expiry);
+    let _ = tokio::join!(publisher, consumer, expiry, registry);
 
     // The database closes once the last request in flight and the writer let
     // go of it, so the same root can be opened again in this process.
@@ -107,7 +116,7 @@ const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The service and its ops, one endpoint group per file of [`handlers`].
 fn serve(svc: Arc<MetadataService>, wake: Arc<tokio::sync::Notify>) -> Service<MetadataService> {
-    use handlers::{containers, gc, images, leases, namespaces, tasks};
+    use handlers::{containers, gc, images, leases, namespaces, nodes, tasks, tombstones};
     Service::new("metadata", env!("CARGO_PKG_VERSION"), svc)
         .wake_on_reply(wake)
         .op("namespaces.create", namespaces::create)
@@ -138,4 +147,8 @@ fn serve(svc: Arc<MetadataService>, wake: Arc<tokio::sync::Notify>) -> Service<M
         .op("leases.list", leases::list)
         .op("leases.query", leases::query)
         .op("gc.mark", gc::mark)
+        .op("nodes.list", nodes::list)
+        .op("nodes.get", nodes::get)
+        .op("tombstones.list", tombstones::list)
+        .op("tombstones.delete", tombstones::delete)
 }

@@ -1,7 +1,7 @@
 //! The records' layout in one LMDB environment, and its migrations.
 //!
 //! ```text
-//! ROOT/db/  LMDB, schema version 2:
+//! ROOT/db/  LMDB, schema version 3:
 //!   namespaces    "<namespace>"                  -> metadata.Namespace (protobuf)
 //!   written       "<namespace>"                  -> empty: every namespace a change
 //!                                                   was ever written to (gc's list)
@@ -10,6 +10,9 @@
 //!   tasks         "<namespace>\0<container_id>"  -> metadata.Task (the reservation)
 //!   leases        "<namespace>\0<lease_id>"      -> metadata.Lease
 //!   lease_expiry  u64 BE expiry (unix ns) ++ "<namespace>\0<lease_id>" -> empty
+//!   nodes         "<node>"                       -> metadata.Node (no namespace:
+//!                                                   the cluster's registry)
+//!   tombstones    "<namespace>\0<container_id>\0<node>" -> metadata.Tombstone
 //!   meta          "schema" -> u32 BE, "epoch" -> u64 BE,
 //!                 "cursor" -> events::Cursor (16 bytes: stream identity, sequence)
 //!   outbox, outbox_meta, requests                 (berth-bus)
@@ -27,6 +30,8 @@
 //!   now those names move to `written` and `namespaces` holds a record per
 //!   namespace, made for each name found. The `lease_expiry` index is built
 //!   from the leases.
+//! - 2 -> 3: the node registry (`nodes`) and the tombstones left for lost
+//!   nodes (`tombstones`) are new tables; nothing older is rewritten.
 
 use std::marker::PhantomData;
 use std::path::Path;
@@ -38,13 +43,13 @@ use prost::Message;
 use berth_bus::events::{Cursor, Outbox};
 use berth_bus::idempotency::RequestLog;
 use berth_bus::store::Env;
-use berth_proto::metadata::{Lease, Namespace};
+use berth_proto::metadata::{Lease, Namespace, Node, NodeState};
 use berth_proto::Timestamp;
 
 use crate::error::{Kind, MetadataError, Result};
 
 /// The layout version this code reads and writes.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The longest id (an image name) that still fits LMDB's key beside a
 /// namespace of 128 bytes and the separator.
@@ -54,7 +59,7 @@ pub const MAX_ID_BYTES: usize = 511 - berth_bus::subject::MAX_TOKEN_LEN - 1;
 type Migration = fn(&Schema, &mut RwTxn) -> Result<()>;
 
 /// The migrations, by the version each one produces.
-const MIGRATIONS: &[(u32, Migration)] = &[(2, migrate_to_v2)];
+const MIGRATIONS: &[(u32, Migration)] = &[(2, migrate_to_v2), (3, migrate_to_v3)];
 
 /// One kind of record: a table keyed by namespace and id, holding the
 /// record's protobuf encoding.
@@ -206,6 +211,11 @@ pub struct Schema {
     pub leases: Table<Lease>,
     /// Leases by expiry.
     pub lease_expiry: Database<RawBytes, RawBytes>,
+    /// The node registry, by node id (`metadata.Node`).
+    pub nodes: Database<Str, RawBytes>,
+    /// Tasks a lost node must delete when it returns, keyed by namespace
+    /// and `<container_id>\0<node>` ([`tombstone_id`]).
+    pub tombstones: Table<berth_proto::metadata::Tombstone>,
     /// Schema version, gc epoch, consumer cursor.
     pub meta: Database<Str, RawBytes>,
     /// Events waiting to be published.
@@ -234,6 +244,11 @@ impl Schema {
             tasks: Table::new(env.create_database(&mut txn, Some("tasks"))?, Kind::Task),
             leases: Table::new(env.create_database(&mut txn, Some("leases"))?, Kind::Lease),
             lease_expiry: env.create_database(&mut txn, Some("lease_expiry"))?,
+            nodes: env.create_database(&mut txn, Some("nodes"))?,
+            tombstones: Table::new(
+                env.create_database(&mut txn, Some("tombstones"))?,
+                Kind::Tombstone,
+            ),
             meta: env.create_database(&mut txn, Some("meta"))?,
             outbox,
             requests,
@@ -370,6 +385,47 @@ impl Schema {
         Ok(())
     }
 
+    /// The registry's record of a node, if it was ever heard from.
+    pub fn node(&self, txn: &RoTxn, node: &str) -> Result<Option<Node>> {
+        match self.nodes.get(txn, node)? {
+            Some(raw) => Ok(Some(Node::decode(raw).map_err(|source| {
+                MetadataError::Corrupt {
+                    kind: "node",
+                    key: node.to_string(),
+                    source,
+                }
+            })?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a node's record.
+    pub fn put_node(&self, txn: &mut RwTxn, record: &Node) -> Result<()> {
+        self.nodes.put(txn, &record.node, &record.encode_to_vec())?;
+        Ok(())
+    }
+
+    /// Every node's record, by id.
+    pub fn all_nodes(&self, txn: &RoTxn) -> Result<Vec<Node>> {
+        let mut out = Vec::new();
+        for item in self.nodes.iter(txn)? {
+            let (node, raw) = item?;
+            out.push(Node::decode(raw).map_err(|source| MetadataError::Corrupt {
+                kind: "node",
+                key: node.to_string(),
+                source,
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// True when the registry holds `node` as lost.
+    pub fn node_lost(&self, txn: &RoTxn, node: &str) -> Result<bool> {
+        Ok(self
+            .node(txn, node)?
+            .is_some_and(|record| record.state == NodeState::Lost as i32))
+    }
+
     /// Removes a lease from the expiry index.
     pub fn unindex_expiry(&self, txn: &mut RwTxn, namespace: &str, lease: &Lease) -> Result<()> {
         if let Some(when) = lease_expiry(lease) {
@@ -378,6 +434,18 @@ impl Schema {
         }
         Ok(())
     }
+}
+
+/// The id of a tombstone in its table: the container, then the node, so a
+/// container id reused on another node and lost there too keeps both.
+pub fn tombstone_id(container_id: &str, node: &str) -> String {
+    format!("{container_id}\0{node}")
+}
+
+/// 2 -> 3: the node registry and the tombstones start empty; their tables
+/// are made when the schema opens.
+fn migrate_to_v3(_schema: &Schema, _txn: &mut RwTxn) -> Result<()> {
+    Ok(())
 }
 
 /// 1 -> 2: namespace names move to `written`, each gets a record, and the
@@ -489,6 +557,33 @@ mod tests {
         let schema = Schema::open(dir.path()).unwrap();
         let txn = schema.env.read_txn().unwrap();
         assert_eq!(schema.all_namespaces(&txn).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn migrates_version_2_to_3() {
+        let dir = tempfile::tempdir().unwrap();
+        write_v1(dir.path());
+        {
+            // A version 2 database: the first migration's layout, stamped 2.
+            let schema = Schema::open(dir.path()).unwrap();
+            let mut txn = schema.env.write_txn().unwrap();
+            schema
+                .meta
+                .put(&mut txn, "schema", &2u32.to_be_bytes())
+                .unwrap();
+            txn.commit().unwrap();
+            let env = schema.env.clone();
+            drop(schema);
+            env.prepare_for_closing().wait();
+        }
+
+        let schema = Schema::open(dir.path()).unwrap();
+        let txn = schema.env.read_txn().unwrap();
+        assert_eq!(schema.version(&txn).unwrap(), Some(3));
+        assert!(schema.all_nodes(&txn).unwrap().is_empty());
+        assert!(schema.tombstones.list(&txn, "a").unwrap().is_empty());
+        assert_eq!(schema.images.require(&txn, "a", "x").unwrap().name, "x");
+        assert_eq!(schema.written_namespaces(&txn).unwrap(), ["a", "gone"]);
     }
 
     #[test]

@@ -77,6 +77,7 @@ async fn namespaces_are_isolated() -> Result<()> {
     // Changes from `b` reach nothing of `a`.
     let delete = mpb::DeleteContainerRequest {
         container_id: "c".into(),
+        ..Default::default()
     };
     assert_eq!(
         code(b.delete_container(&delete).await),

@@ -91,6 +91,7 @@ async fn a_delete_racing_a_reservation_never_lets_both_succeed() -> Result<()> {
             let container_id = format!("c{n}");
             let delete = mpb::DeleteContainerRequest {
                 container_id: container_id.clone(),
+                ..Default::default()
             };
             let reserve = mpb::ReserveTaskRequest {
                 container_id: container_id.clone(),

@@ -268,6 +268,7 @@ async fn refusals_answer_with_their_codes() -> Result<()> {
         let outcome = md
             .delete_container(&mpb::DeleteContainerRequest {
                 container_id: container_id.into(),
+                ..Default::default()
             })
             .await;
         let case = if container_id == "busy" {

@@ -39,7 +39,8 @@ fn big_layer(dir: &Path) -> Result<(PathBuf, String, String)> {
     }
     let path = dir.join("layer.tar.gz");
     let file = std::fs::File::create(&path)?;
-    let gzip = flate2::write::GzEncoder::new(Hashing(file, Sha256::new()), flate2::Compression::fast());
+    let gzip =
+        flate2::write::GzEncoder::new(Hashing(file, Sha256::new()), flate2::Compression::fast());
     let mut tar = tar::Builder::new(Hashing(gzip, Sha256::new()));
     let zeros = vec![0u8; FILE_SIZE];
     for index in 0..FILES {
@@ -110,7 +111,13 @@ fn bytes_under(dir: &Path) -> u64 {
             continue;
         };
         if meta.is_dir() {
-            stack.extend(std::fs::read_dir(&path).into_iter().flatten().flatten().map(|e| e.path()));
+            stack.extend(
+                std::fs::read_dir(&path)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
         } else {
             total += meta.len();
         }
@@ -167,7 +174,9 @@ async fn sigkill_in_the_middle_of_an_apply_leaves_nothing_half_made() -> Result<
         let mut file = std::fs::File::open(&layer)?;
         match content.push(&open, &mut file, Default::default()).await {
             Ok(_) => break,
-            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
             Err(err) => return Err(err.into()),
         }
     }
@@ -199,7 +208,10 @@ async fn sigkill_in_the_middle_of_an_apply_leaves_nothing_half_made() -> Result<
         bail!("the apply never got going: {outcome:?}");
     }
     service.kill();
-    anyhow::ensure!(bytes_under(&snapshots) < (FILES * FILE_SIZE) as u64, "the apply finished before the kill");
+    anyhow::ensure!(
+        bytes_under(&snapshots) < (FILES * FILE_SIZE) as u64,
+        "the apply finished before the kill"
+    );
     let _ = unpacking.await;
 
     // After the restart: no snapshot of the layer, no leftover directory.
@@ -212,7 +224,10 @@ async fn sigkill_in_the_middle_of_an_apply_leaves_nothing_half_made() -> Result<
 
     // The retry applies the whole layer and commits it under its chain ID.
     let unpacked = snapshot.unpack(&request).await?;
-    assert_eq!((unpacked.chain_id.as_str(), unpacked.applied), (diff_id.as_str(), 1));
+    assert_eq!(
+        (unpacked.chain_id.as_str(), unpacked.applied),
+        (diff_id.as_str(), 1)
+    );
     let stat = snapshot
         .stat(&spb::StatRequest {
             key: diff_id.clone(),
@@ -223,7 +238,10 @@ async fn sigkill_in_the_middle_of_an_apply_leaves_nothing_half_made() -> Result<
     assert_eq!(stat.kind, spb::Kind::Committed as i32);
     assert_eq!(bytes_under(&snapshots), (FILES * FILE_SIZE) as u64);
     let mut first = Vec::new();
-    let dir = std::fs::read_dir(&snapshots)?.next().context("no snapshot dir")??.path();
+    let dir = std::fs::read_dir(&snapshots)?
+        .next()
+        .context("no snapshot dir")??
+        .path();
     std::fs::File::open(dir.join("fs/data/file-0"))?.read_to_end(&mut first)?;
     assert!(first.len() == FILE_SIZE && first.iter().all(|b| *b == 0));
     service.kill();

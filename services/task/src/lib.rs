@@ -12,7 +12,10 @@
 //!   and re-adopts shims;
 //! - [`handlers`] holds one function per op; [`monitor`] waits for each
 //!   task's exit, records it with its `tasks.exit` event, and tells the shim
-//!   once metadata has applied it; [`recover`] re-adopts tasks at start-up.
+//!   once metadata has applied it; [`recover`] re-adopts tasks at start-up;
+//! - [`heartbeat`] announces the node in the key-value bucket `berth_nodes`
+//!   every interval, and [`reconcile`] applies the tombstones metadata kept
+//!   for it while it was lost.
 //!
 //! A task's life: `create` reserves the task in metadata (container, node,
 //! generation), mounts the rootfs from the snapshot's mounts, writes the
@@ -23,7 +26,9 @@
 pub mod cgroup;
 pub mod error;
 mod handlers;
+pub mod heartbeat;
 pub mod monitor;
+pub mod reconcile;
 pub mod recover;
 pub mod shim;
 pub mod shim_client;
@@ -33,6 +38,7 @@ pub mod store;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -61,6 +67,28 @@ pub struct Config {
     /// (`PermissionDenied`). Tenants' namespaces belong here, since any of
     /// those would give a tenant the node. Empty by default.
     pub confined_namespaces: Vec<String>,
+    /// How often the node's heartbeat is put into the bucket `berth_nodes`
+    /// (default 2 s; from 100 ms to 10 s, a third of the bucket's TTL).
+    /// The node is lost when three intervals pass without one.
+    pub heartbeat_interval: Duration,
+}
+
+impl Config {
+    /// `InvalidArgument` for a heartbeat interval outside 100 ms to
+    /// [`berth_bus::nodes::MAX_INTERVAL`].
+    pub fn check(&self) -> berth_bus::Result<()> {
+        berth_bus::subject::check_token("node id", &self.node)?;
+        let bounds = Duration::from_millis(100)..=berth_bus::nodes::MAX_INTERVAL;
+        if !bounds.contains(&self.heartbeat_interval) {
+            return Err(berth_bus::Error::invalid(format!(
+                "heartbeat interval {:?} is not between {:?} and {:?}",
+                self.heartbeat_interval,
+                bounds.start(),
+                bounds.end()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Where one task's files are.
@@ -177,7 +205,7 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> berth_bus::Result<()> {
-    berth_bus::subject::check_token("node id", &config.node)?;
+    config.check()?;
     let store = Store::open(&config.root.join("db"), &config.node)?;
     for dir in ["bundles", "shims", "sockets"] {
         std::fs::create_dir_all(config.state.join(dir))?;
@@ -211,7 +239,7 @@ pub async fn run(
     recover::recover(&svc).await?;
 
     use handlers as h;
-    let serving = Service::new("task", env!("CARGO_PKG_VERSION"), svc)
+    let serving = Service::new("task", env!("CARGO_PKG_VERSION"), svc.clone())
         .node(&config.node)
         .wake_on_reply(outbox.wake())
         .op("create", h::create)
@@ -232,9 +260,18 @@ pub async fn run(
         .op("resize", h::resize)
         .serve(nats)
         .await?;
+
+    // Served: the node announces itself, and applies what was decided for
+    // it while it was away.
+    let beating = tokio::spawn(heartbeat::run(
+        svc.clone(),
+        config.heartbeat_interval,
+        shutdown.clone(),
+    ));
+    let reconciling = tokio::spawn(reconcile::run(svc.clone(), shutdown.clone()));
     shutdown.cancelled().await;
     serving.stop().await;
-    let _ = publisher.await;
+    let _ = tokio::join!(publisher, beating, reconciling);
     Ok(())
 }
 

@@ -36,6 +36,16 @@ struct Args {
         value_delimiter = ','
     )]
     confined_namespaces: Vec<String>,
+    /// Seconds between the node's heartbeats in the bucket `berth_nodes`
+    /// (fractions allowed, 0.1 to 10); the node is lost after three missed.
+    #[arg(long, env = "BERTH_HEARTBEAT_INTERVAL", default_value_t = 2.0)]
+    heartbeat_interval: f64,
+}
+
+/// A duration given in seconds, fractions allowed.
+fn seconds(value: f64) -> anyhow::Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(value)
+        .map_err(|_| anyhow::anyhow!("{value} is not a number of seconds"))
 }
 
 #[tokio::main]
@@ -51,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         shim: args.shim,
         runc: args.runc,
         confined_namespaces: args.confined_namespaces,
+        heartbeat_interval: seconds(args.heartbeat_interval)?,
     };
     berth_task::run(nats, config, shutdown).await?;
     berth_bus::trace::shutdown(std::time::Duration::from_secs(2));

@@ -95,6 +95,10 @@ pub struct TaskRecord {
     /// The task's exec processes by id.
     #[serde(default)]
     pub execs: std::collections::BTreeMap<String, ExecRecord>,
+    /// The image the container record named at create (empty in records
+    /// written before it was kept).
+    #[serde(default)]
+    pub image: String,
 }
 
 /// One exec process of a task.

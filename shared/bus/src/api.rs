@@ -28,6 +28,14 @@ macro_rules! mut_op {
     };
 }
 
+/// The longest a `pull` request waits for its pull to end before it
+/// answers with the progress so far.
+pub const PULL_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// What a `pull` call waits beyond the request's own wait: the service's
+/// answer and the way back.
+pub const PULL_REPLY_ROOM: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The content service of a namespace.
 #[derive(Clone, Debug)]
 pub struct Content {
@@ -63,6 +71,32 @@ impl Content {
         abort, "abort", content::AbortRequest, content::AbortReply);
     mut_op!(/// `delete`.
         delete, "delete", content::DeleteRequest, content::DeleteReply);
+
+    /// `pull`: starts the pull `request.pull_id` names, or joins it, and
+    /// answers when it ends or after `request.wait_ms` (20 s when 0) with
+    /// its status. The call waits that long plus [`PULL_REPLY_ROOM`],
+    /// and at least the client's timeout. Asking again with the same
+    /// request is how a caller waits for a long pull; a failed pull
+    /// answers with its error.
+    pub async fn pull(&self, request: &content::PullRequest) -> Result<content::PullReply> {
+        let subject = self.subject("pull")?;
+        let wait = match request.wait_ms {
+            0 => PULL_WAIT,
+            ms => std::time::Duration::from_millis(ms.into()).min(PULL_WAIT),
+        };
+        let client = self
+            .client
+            .with_timeout(self.client.timeout().max(wait + PULL_REPLY_ROOM));
+        client.call(&subject, request).await
+    }
+
+    /// The subject the progress of pull `pull_id` is published on (core
+    /// NATS, one [`content::PullStatus`] per message):
+    /// `berth.v1.<namespace>.content.pull.progress.<pull_id>`.
+    pub fn pull_progress_subject(&self, pull_id: &str) -> Result<String> {
+        crate::subject::check_token("pull id", pull_id)?;
+        self.subject(&format!("pull.progress.{pull_id}"))
+    }
 
     /// Writes a blob through the ingest `open.ref` and commits it: opens
     /// (or resumes) the ingest, writes what `source` holds from the offset
@@ -264,6 +298,14 @@ impl Metadata {
         list_leases, "leases.list", metadata::ListLeasesRequest, metadata::ListLeasesReply);
     read_op!(/// `gc.mark`.
         mark, "gc.mark", metadata::MarkRequest, metadata::MarkReply);
+    read_op!(/// `nodes.list`: every node ever heard from, ready or lost.
+        list_nodes, "nodes.list", metadata::ListNodesRequest, metadata::ListNodesReply);
+    read_op!(/// `nodes.get`: one node.
+        get_node, "nodes.get", metadata::GetNodeRequest, metadata::NodeReply);
+    read_op!(/// `tombstones.list`: what a lost node must delete when it returns.
+        list_tombstones, "tombstones.list", metadata::ListTombstonesRequest, metadata::ListTombstonesReply);
+    mut_op!(/// `tombstones.delete`: the node applied a tombstone.
+        delete_tombstone, "tombstones.delete", metadata::DeleteTombstoneRequest, metadata::DeleteReply);
 }
 
 /// The snapshot service of a namespace on one node.

@@ -60,7 +60,9 @@ pub async fn connect_with_config(config: &ConnectConfig) -> Result<async_nats::C
 }
 
 /// Connects to NATS at `url` with the caller's `options` (credentials, TLS,
-/// reconnect policy), adding the permission watch of [`connect`].
+/// reconnect policy), adding the permission watch of [`connect`]. `url`
+/// may list the servers of a cluster, separated by commas
+/// ([`server_urls`]).
 ///
 /// `Unavailable` when the connection cannot be made (only without
 /// `retry_on_initial_connect`).
@@ -76,11 +78,21 @@ pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<async_na
         async {}
     });
     let nats = options
-        .connect(url)
+        .connect(server_urls(url))
         .await
         .map_err(|err| connect_error(url, &err))?;
     register(&nats, refusals);
     Ok(nats)
+}
+
+/// The servers of `url`: one URL, or several separated by commas (the
+/// servers of one cluster, tried in turn and on every reconnect, besides
+/// those the cluster itself announces).
+pub fn server_urls(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|one| !one.is_empty())
+        .collect()
 }
 
 /// The error of a failed first connection: `PermissionDenied` when the
@@ -299,6 +311,15 @@ pub(crate) fn refusals_of(nats: &async_nats::Client) -> Option<Refusals> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_may_list_the_servers_of_a_cluster() {
+        assert_eq!(server_urls("nats://a:4222"), ["nats://a:4222"]);
+        assert_eq!(
+            server_urls("nats://a:4222, nats://b:4222,,nats://c:4222"),
+            ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+        );
+    }
 
     #[test]
     fn reads_the_servers_violation_texts() {

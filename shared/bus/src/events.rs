@@ -35,18 +35,65 @@ use crate::subject;
 /// The JetStream stream holding every event of every namespace.
 pub const STREAM: &str = "BERTH_EVENTS";
 
-/// Creates the event stream if it does not exist (idempotent).
-pub async fn ensure_stream(js: &jetstream::Context) -> Result<stream::Stream> {
-    js.get_or_create_stream(stream::Config {
-        name: STREAM.to_string(),
-        subjects: vec![subject::all_events()],
-        storage: stream::StorageType::File,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .map_err(|err| Error::unavailable(format!("create stream {STREAM}: {err}")))
+/// The environment variable that says on how many servers of a NATS
+/// cluster berth's JetStream streams and buckets are kept.
+pub const REPLICAS_ENV: &str = "BERTH_STREAM_REPLICAS";
+
+/// The replicas [`REPLICAS_ENV`] asks for: 1 when unset (a single server),
+/// 3 for a cluster of three, so that losing one server loses nothing;
+/// values past JetStream's limit of 5 are taken as 5.
+pub fn replicas() -> usize {
+    std::env::var(REPLICAS_ENV)
+        .ok()
+        .and_then(|value| value.trim().parse::<usize>().ok())
+        .map(|replicas| replicas.clamp(1, 5))
+        .unwrap_or(1)
 }
+
+/// Creates the event stream if it does not exist (idempotent), kept on
+/// [`replicas`] servers.
+///
+/// A JetStream that does not answer yet (a cluster still placing its
+/// first streams, a server starting) is asked again with a growing pause
+/// for up to [`STREAM_WAIT`]; then `Unavailable`.
+///
+/// # Limitations
+/// A stream that exists is used as it is: changing [`REPLICAS_ENV`] later
+/// does not change its replicas (`nats stream edit` does).
+pub async fn ensure_stream(js: &jetstream::Context) -> Result<stream::Stream> {
+    use jetstream::context::CreateStreamErrorKind as Kind;
+    let deadline = tokio::time::Instant::now() + STREAM_WAIT;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let made = js
+            .get_or_create_stream(stream::Config {
+                name: STREAM.to_string(),
+                subjects: vec![subject::all_events()],
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                num_replicas: replicas(),
+                ..Default::default()
+            })
+            .await;
+        let err = match made {
+            Ok(stream) => return Ok(stream),
+            Err(err) => err,
+        };
+        let lasting = matches!(
+            err.kind(),
+            Kind::EmptyStreamName | Kind::InvalidStreamName | Kind::DomainAndExternalSet
+        );
+        if lasting || tokio::time::Instant::now() + pause > deadline {
+            return Err(Error::unavailable(format!("create stream {STREAM}: {err}")));
+        }
+        tracing::debug!(error = %err, "event stream not made yet; asking again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// How long [`ensure_stream`] keeps asking a JetStream that does not answer.
+pub const STREAM_WAIT: Duration = Duration::from_secs(30);
 
 /// The outbox of one service: events waiting to be published.
 #[derive(Clone)]

@@ -7,11 +7,13 @@
 //! - [`conn`]: connections that turn the server's permission refusals into
 //!   `PermissionDenied` replies;
 //! - [`client`]: typed request/reply with a timeout on every call;
+//! - [`crypto`]: the process-wide TLS crypto provider;
 //! - [`serve`]: the serve loop on the NATS micro-service protocol;
 //! - [`idempotency`]: request ids stored with the effect;
 //! - [`events`]: the outbox, its publisher, and the ordered consumer;
 //! - [`chunk`]: large bodies pulled by the receiver in chunks;
 //! - [`locks`]: async locks by name (a digest, a chain ID), held across awaits;
+//! - [`nodes`]: the key-value bucket where node agents announce themselves;
 //! - [`api`]: one typed client per service;
 //! - [`trace`]: logging set-up and `traceparent` propagation;
 //! - [`store`]: the LMDB environment settings every service shares.
@@ -21,10 +23,12 @@ pub mod chunk;
 pub mod client;
 pub mod config;
 pub mod conn;
+pub mod crypto;
 pub mod error;
 pub mod events;
 pub mod idempotency;
 pub mod locks;
+pub mod nodes;
 pub mod serve;
 pub mod store;
 pub mod subject;

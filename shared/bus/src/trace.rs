@@ -72,6 +72,7 @@ fn install(service: &str, default_filter: &str) -> SdkTracerProvider {
         .any(|var| std::env::var(var).is_ok_and(|value| !value.trim().is_empty()));
     let mut refused = None;
     if export {
+        crate::crypto::install();
         match opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()

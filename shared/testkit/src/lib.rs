@@ -3,6 +3,9 @@
 //! - [`NatsServer`]: a real `nats-server` with JetStream on a free loopback
 //!   port, its store in a temporary directory, killed on drop. It can be
 //!   killed and started again on the same port and store, for outage tests.
+//! - [`NatsCluster`]: three such servers routed into one cluster with
+//!   JetStream clustered (streams can be kept on all three), any of which
+//!   can be killed and started again.
 //! - [`fixture`]: paths of the images and cases copied into `tests/fixtures`.
 //!
 //! The tests need `nats-server` (2.10 or later) and, where they run
@@ -119,6 +122,159 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Three nats-servers in one cluster (`berth`), JetStream clustered, each
+/// on its own free client and route ports with its own store; killed on
+/// drop.
+pub struct NatsCluster {
+    servers: Vec<ClusterServer>,
+    dir: TempDir,
+}
+
+struct ClusterServer {
+    child: Option<Child>,
+    port: u16,
+    route_port: u16,
+}
+
+impl NatsCluster {
+    /// How many servers the cluster has.
+    pub const SIZE: usize = 3;
+
+    /// Starts the three servers and waits until they elected a JetStream
+    /// metadata leader (streams can be made then).
+    pub fn start() -> Result<NatsCluster> {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-nats-cluster-")
+            .tempdir()?;
+        // Hold every listener until all ports are chosen, so none repeats.
+        let listeners: Vec<TcpListener> = (0..Self::SIZE * 2)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<_>>()?;
+        let ports: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<std::io::Result<_>>()?;
+        drop(listeners);
+        let servers = (0..Self::SIZE)
+            .map(|i| ClusterServer {
+                child: None,
+                port: ports[i],
+                route_port: ports[Self::SIZE + i],
+            })
+            .collect();
+        let mut cluster = NatsCluster { servers, dir };
+        for i in 0..Self::SIZE {
+            cluster.spawn(i)?;
+        }
+        for i in 0..Self::SIZE {
+            cluster.wait_listening(i)?;
+        }
+        let elected = wait_until(Duration::from_secs(30), || {
+            (0..Self::SIZE).any(|i| cluster.log(i).contains("new metadata leader"))
+        });
+        if !elected {
+            bail!(
+                "the NATS cluster elected no JetStream leader within 30 s:\n{}",
+                cluster.log(0)
+            );
+        }
+        Ok(cluster)
+    }
+
+    /// The client URL of server `i`.
+    pub fn url_of(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.servers[i].port)
+    }
+
+    /// Every server's client URL, comma-separated (what berth's `--nats`
+    /// takes for a cluster).
+    pub fn urls(&self) -> String {
+        (0..Self::SIZE)
+            .map(|i| self.url_of(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Server `i`'s log so far.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("s{i}.log"))).unwrap_or_default()
+    }
+
+    /// Kills server `i` with SIGKILL and waits for it; a no-op when stopped.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.servers[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts server `i` again on its ports and store, and waits until it
+    /// listens (it then catches up with the cluster on its own).
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.kill(i);
+        self.spawn(i)?;
+        self.wait_listening(i)
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let routes: Vec<String> = self
+            .servers
+            .iter()
+            .map(|s| format!("nats-route://127.0.0.1:{}", s.route_port))
+            .collect();
+        let config = self.dir.path().join(format!("s{i}.conf"));
+        let text = format!(
+            "server_name: s{i}\nlisten: 127.0.0.1:{}\njetstream {{\n  store_dir: {:?}\n}}\n\
+             cluster {{\n  name: berth\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+            self.servers[i].port,
+            self.dir.path().join(format!("js{i}")),
+            self.servers[i].route_port,
+            routes.join(", ")
+        );
+        std::fs::write(&config, text)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("s{i}.log")))?;
+        let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start nats-server (is it on PATH? .ci/run installs it)")?;
+        self.servers[i].child = Some(child);
+        Ok(())
+    }
+
+    fn wait_listening(&mut self, i: usize) -> Result<()> {
+        let port = self.servers[i].port;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = self.servers[i]
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("nats-server s{i} exited with {status}: {}", self.log(i));
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server s{i} did not listen on port {port}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..Self::SIZE {
+            self.kill(i);
+        }
     }
 }
 

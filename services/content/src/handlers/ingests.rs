@@ -102,7 +102,6 @@ pub(crate) async fn commit(
     // A retry of a commit that went through finds its outcome before it
     // looks for the ingest, which that commit used up. What the open asked
     // for holds unless the commit says otherwise.
-    let namespace = call.namespace().to_string();
     let (looked_up, store, reference) = (call.clone(), svc.clone(), req.r#ref.clone());
     let (replayed, meta) = blocking(move || {
         let replayed = replay::<pb::CommitReply>(&store.store, &looked_up)?;
@@ -122,6 +121,29 @@ pub(crate) async fn commit(
         lease_id,
     } = expected(&req, meta)?;
     call.record("digest", digest.as_str());
+    let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
+    commit_blob(svc, call, req.r#ref, digest, sizes, lease_id, labels).await
+}
+
+/// The act step of a commit, for the `commit` op and for the service's
+/// own pulls: attaches the blob to the lease, verifies and places the
+/// ingest's bytes under `reference` (or, without them, reuses a blob the
+/// namespace holds), and writes the records with `content.commit` in one
+/// transaction under `call`'s request id.
+///
+/// Holds the digest's lock from before the lease is attached to after the
+/// records are written, so a gc delete of the digest runs wholly before or
+/// after (see [`crate::store`]). Errors as the `commit` op's.
+pub(crate) async fn commit_blob(
+    svc: Arc<ContentService>,
+    call: Call,
+    reference: String,
+    digest: Digest,
+    sizes: [u64; 2],
+    lease_id: String,
+    labels: BTreeMap<String, String>,
+) -> Result<pb::CommitReply> {
+    let namespace = call.namespace().to_string();
 
     // The lease first: when metadata cannot be reached the ingest is left
     // whole for a retry. A commit refused after it leaves the lease naming
@@ -130,10 +152,9 @@ pub(crate) async fn commit(
     if !lease_id.is_empty() {
         svc.attach_to_lease(&namespace, &lease_id, &digest).await?;
     }
-    let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
     blocking(move || {
         let store = &svc.store;
-        let committed = store.place(&namespace, &req.r#ref, &digest, &sizes)?;
+        let committed = store.place(&namespace, &reference, &digest, &sizes)?;
         let (reply, _) = mutate(store, &call, |txn| {
             let (blob, owner) =
                 store.record_commit(txn, &namespace, &digest, committed, &labels)?;

@@ -1,6 +1,7 @@
 //! One function per op of `berth.v1.<namespace>.content.<op>`: validate,
 //! act on the store, return the reply. [`blobs`] serves committed blobs,
-//! [`ingests`] the writes that make them.
+//! [`ingests`] the writes that make them, [`pull`] the fetches from
+//! registries.
 //!
 //! Mutating ops that change the database run in one write transaction that
 //! first looks up the request id, so a retry returns the first outcome
@@ -9,6 +10,7 @@
 
 pub(crate) mod blobs;
 pub(crate) mod ingests;
+pub(crate) mod pull;
 
 use heed::RwTxn;
 

@@ -287,6 +287,11 @@ pub(crate) async fn list(
 /// any state, decided on the reservation record in the transaction that
 /// removes the container; a racing `tasks.reserve` runs before or after it
 /// on the one writer, never beside it.
+///
+/// With `abandon_task`, a task reserved on a node the registry holds as
+/// lost goes too, and a tombstone is left for that node in the same
+/// transaction; a task on a node that is not lost is still
+/// `FailedPrecondition`.
 pub(crate) async fn delete(
     svc: Arc<MetadataService>,
     call: Call,
@@ -300,11 +305,14 @@ pub(crate) async fn delete(
             let container_id = req.container_id;
             let container = schema.containers.require(txn, &namespace, &container_id)?;
             if let Some(task) = schema.tasks.get(txn, &namespace, &container_id)? {
-                return Err(MetadataError::HasTask {
-                    container_id,
-                    status: status_name(task.status),
-                    node: task.node,
-                });
+                if !req.abandon_task {
+                    return Err(MetadataError::HasTask {
+                        container_id,
+                        status: status_name(task.status),
+                        node: task.node,
+                    });
+                }
+                abandon(schema, txn, &namespace, &container, task)?;
             }
             schema.containers.delete(txn, &namespace, &container_id)?;
             schema.outbox.push(
@@ -318,6 +326,43 @@ pub(crate) async fn delete(
         })
         .await?;
     Ok(reply)
+}
+
+/// Drops the reservation of a task whose node is lost and leaves the
+/// node its tombstone; `NodeNotLost` when the registry holds the node as
+/// anything but lost.
+fn abandon(
+    schema: &crate::schema::Schema,
+    txn: &mut heed::RwTxn,
+    namespace: &str,
+    container: &Container,
+    task: pb::Task,
+) -> Result<()> {
+    let container_id = &container.container_id;
+    let state = schema.node(txn, &task.node)?.map(|node| node.state);
+    if state != Some(pb::NodeState::Lost as i32) {
+        return Err(MetadataError::NodeNotLost {
+            container_id: container_id.clone(),
+            state: match state {
+                Some(_) => "ready",
+                None => "unknown to the registry",
+            },
+            node: task.node,
+        });
+    }
+    let tombstone = pb::Tombstone {
+        container_id: container_id.clone(),
+        node: task.node.clone(),
+        generation: task.generation,
+        boot_id: task.boot_id.clone(),
+        snapshot_key: container.snapshot_key.clone(),
+        created_at: Some(Timestamp::now()),
+    };
+    let id = crate::schema::tombstone_id(container_id, &task.node);
+    schema.tombstones.put(txn, namespace, &id, &tombstone)?;
+    schema.tasks.delete(txn, namespace, container_id)?;
+    tracing::info!(namespace, container_id = %container_id, node = %task.node, "task of a lost node abandoned to a tombstone");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@ pub mod gc;
 pub mod images;
 pub mod leases;
 pub mod namespaces;
+pub mod nodes;
 pub mod tasks;
+pub mod tombstones;
 
 use crate::error::{MetadataError, Result};
 

@@ -1,6 +1,9 @@
 //! `tasks.*`: reservations the task service takes before it calls runc and
 //! gives back when it deletes the task. Their state comes from task events
-//! ([`crate::apply`]); legality is decided here, on the records.
+//! ([`crate::apply`]); legality is decided here, on the records. What a
+//! lost node's tasks do nobody knows until it is heard again, so reads
+//! show them as UNKNOWN ([`crate::nodes::overlay`]) while the records keep
+//! their last state.
 
 use std::sync::Arc;
 
@@ -11,6 +14,7 @@ use berth_proto::Timestamp;
 use crate::apply::status_name;
 use crate::error::MetadataError;
 use crate::handlers::containers::check_container_id;
+use crate::nodes::overlay;
 use crate::MetadataService;
 
 /// `tasks.reserve`: claims the container's task for a node and generation.
@@ -106,7 +110,8 @@ pub(crate) async fn release(
     Ok(reply)
 }
 
-/// `tasks.get`: `NotFound` when the container has no reservation.
+/// `tasks.get`: `NotFound` when the container has no reservation. A task
+/// of a lost node that had not exited reads as UNKNOWN.
 pub(crate) async fn get(
     svc: Arc<MetadataService>,
     call: Call,
@@ -114,28 +119,34 @@ pub(crate) async fn get(
 ) -> berth_bus::Result<pb::TaskReply> {
     call.record("container_id", &req.container_id);
     let task = svc.store.read(|schema, txn| {
-        schema
+        let mut task = schema
             .tasks
-            .require(txn, call.namespace(), &req.container_id)
+            .require(txn, call.namespace(), &req.container_id)?;
+        overlay(schema, txn, &mut task)?;
+        Ok(task)
     })?;
     Ok(pb::TaskReply { task: Some(task) })
 }
 
 /// `tasks.list`: the namespace's reservations, optionally of one node and
-/// in some states.
+/// in some states (a lost node's live tasks are UNKNOWN here too).
 pub(crate) async fn list(
     svc: Arc<MetadataService>,
     call: Call,
     req: pb::ListTasksRequest,
 ) -> berth_bus::Result<pb::ListTasksReply> {
     let tasks = svc.store.read(|schema, txn| {
-        Ok(schema
-            .tasks
-            .list(txn, call.namespace())?
-            .into_iter()
-            .filter(|task| req.node.is_empty() || task.node == req.node)
-            .filter(|task| req.status.is_empty() || req.status.contains(&task.status))
-            .collect())
+        let mut tasks = Vec::new();
+        for mut task in schema.tasks.list(txn, call.namespace())? {
+            if !req.node.is_empty() && task.node != req.node {
+                continue;
+            }
+            overlay(schema, txn, &mut task)?;
+            if req.status.is_empty() || req.status.contains(&task.status) {
+                tasks.push(task);
+            }
+        }
+        Ok(tasks)
     })?;
     Ok(pb::ListTasksReply { tasks })
 }

@@ -35,6 +35,7 @@ fn exec_state(container_id: &str, generation: u64, exec_id: &str, exec: &ExecRec
         exec_id: exec_id.to_string(),
         oom_killed: false,
         execs: Vec::new(),
+        image: String::new(),
     }
 }
 
@@ -53,6 +54,7 @@ fn state_of(container_id: &str, record: &TaskRecord) -> pb::State {
             .iter()
             .map(|(exec_id, exec)| exec_state(container_id, record.generation, exec_id, exec))
             .collect(),
+        image: record.image.clone(),
     }
 }
 

@@ -197,6 +197,7 @@ async fn make_task(
         cgroups: crate::cgroup::of_pid(pid),
         oom_killed: false,
         execs: Default::default(),
+        image: container.image.clone(),
     })
 }
 
@@ -367,7 +368,14 @@ async fn start_task(svc: &TaskService, call: &Call, container_id: &str) -> Resul
     record.pid = pid;
     let reply = pb::StartReply { pid };
     let event = task_event(container_id, &record);
-    svc.commit_change(call, container_id, &record, &["tasks.start"], &event, &reply)?;
+    svc.commit_change(
+        call,
+        container_id,
+        &record,
+        &["tasks.start"],
+        &event,
+        &reply,
+    )?;
     tracing::info!(namespace, container_id, pid, "task started");
     Ok(reply)
 }
