@@ -196,7 +196,11 @@ async fn fetch_document(
         if blob.size <= limit {
             let (svc, namespace) = (svc.clone(), namespace.to_string());
             let read = blocking(move || svc.store.read(&namespace, &digest, 0, blob.size));
-            return Ok(read.await?.0.into());
+            // gc may take it between the look and the read: then it is
+            // fetched like a document the namespace never held.
+            if let Ok((bytes, _)) = read.await {
+                return Ok(bytes.into());
+            }
         }
     }
     match kind {
@@ -222,21 +226,42 @@ async fn store_document(
         .await;
     let reference = ingest_ref(&digest);
     let held = svc.store.held(namespace, &digest)?.is_some();
-    if !held {
-        let (svc, namespace, reference) = (svc.clone(), namespace.to_string(), reference.clone());
-        let (bytes, meta) = (bytes.clone(), meta(desc));
-        blocking(move || {
-            let ingests = &svc.store.ingests;
-            ingests.drop_if_any(&namespace, &reference);
-            ingests.open_ingest(&namespace, &reference, &meta)?;
-            ingests.write(&namespace, &reference, 0, &bytes)?;
-            ingests.release(&namespace, &reference);
-            Ok(())
-        })
-        .await?;
+    if held {
+        // The commit attaches the held blob to the lease; gc may take it
+        // in between, and then the bytes in hand are written as for any
+        // other document.
+        match commit(svc, namespace, desc, &digest, reference.clone(), lease_id).await {
+            Ok(()) => return Ok(true),
+            Err(PullError::Blob { source, .. })
+                if matches!(*source, ContentError::NothingToCommit { .. }) => {}
+            Err(err) => return Err(err),
+        }
     }
+    write_ingest(svc, namespace, &reference, bytes, desc).await?;
     commit(svc, namespace, desc, &digest, reference, lease_id).await?;
-    Ok(held)
+    Ok(false)
+}
+
+/// Writes a document's bytes into its ingest, afresh.
+async fn write_ingest(
+    svc: &Arc<ContentService>,
+    namespace: &str,
+    reference: &str,
+    bytes: &Bytes,
+    desc: &Descriptor,
+) -> Result<(), PullError> {
+    let (svc, namespace, reference) = (svc.clone(), namespace.to_string(), reference.to_string());
+    let (bytes, meta) = (bytes.clone(), meta(desc));
+    blocking(move || {
+        let ingests = &svc.store.ingests;
+        ingests.drop_if_any(&namespace, &reference);
+        ingests.open_ingest(&namespace, &reference, &meta)?;
+        ingests.write(&namespace, &reference, 0, &bytes)?;
+        ingests.release(&namespace, &reference);
+        Ok(())
+    })
+    .await?;
+    Ok(())
 }
 
 /// Fetches and commits every layer, [`LAYERS_AT_ONCE`] at a time, base
