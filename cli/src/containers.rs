@@ -144,6 +144,7 @@ async fn ready_task(ctx: &Ctx, container: &mpb::Container) -> anyhow::Result<boo
     }
     task.create(&tpb::CreateRequest {
         container_id: container_id.clone(),
+        start: false,
     })
     .await
     .map_err(|err| run::start_failure(err, container_id))?;

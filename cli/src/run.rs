@@ -279,6 +279,7 @@ pub async fn create(ctx: &Ctx, args: CreateArgs) -> anyhow::Result<ExitCode> {
     ctx.task_on(&ctx.node)
         .create(&tpb::CreateRequest {
             container_id: container_id.clone(),
+            start: false,
         })
         .await
         .map_err(|err| start_failure(err, &container_id))?;
@@ -329,18 +330,23 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<ExitCode> {
     // Subscribe before the start, so even an instant exit is seen.
     let exits = follow::exit_events(ctx, false).await?;
     let task = ctx.task_on(&ctx.node);
+    // A terminal gets its size between create and start; anything else
+    // starts in the create, one runc call instead of two.
+    let sized = args.create.tty && !args.detach;
     let started = async {
         task.create(&tpb::CreateRequest {
             container_id: container_id.clone(),
+            start: !sized,
         })
         .await?;
-        if args.create.tty && !args.detach {
+        if sized {
             attach::set_size(&task, &container_id, "").await?;
+            task.start(&tpb::StartRequest {
+                container_id: container_id.clone(),
+            })
+            .await?;
         }
-        task.start(&tpb::StartRequest {
-            container_id: container_id.clone(),
-        })
-        .await
+        Ok::<_, berth_bus::Error>(())
     }
     .await;
     if let Err(err) = started {

@@ -137,15 +137,26 @@ pub async fn spawn_shim(
         state_dir,
         &socket,
         runc,
-        false,
+        Spawn::default(),
     )
     .await
+}
+
+/// How a shim starts its init.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spawn {
+    /// Keep the init's stdin open for [`ShimClient::stdin`].
+    pub stdin: bool,
+    /// Start the init as soon as it is made: `runc run --detach`, one runc
+    /// call instead of `runc create` now and `runc start` later.
+    pub start: bool,
 }
 
 /// As [`spawn_shim`], with the socket at `socket` instead of the state
 /// directory (a unix socket path holds at most 107 bytes, and a state
 /// directory named after a long container id can be longer), and with the
-/// init's stdin kept open for [`ShimClient::stdin`] when `stdin`.
+/// init's stdin kept open for [`ShimClient::stdin`] when `how.stdin`, and
+/// the init started at once when `how.start`.
 pub async fn spawn_shim_at(
     shim_bin: &Path,
     container_id: &str,
@@ -153,7 +164,7 @@ pub async fn spawn_shim_at(
     state_dir: &Path,
     socket: &Path,
     runc: Option<&Path>,
-    stdin: bool,
+    how: Spawn,
 ) -> Result<ShimClient, ShimClientError> {
     let mut cmd = Command::new(shim_bin);
     cmd.arg("--id")
@@ -171,8 +182,11 @@ pub async fn spawn_shim_at(
     if let Some(runc) = runc {
         cmd.arg("--runc").arg(runc);
     }
-    if stdin {
+    if how.stdin {
         cmd.arg("--stdin");
+    }
+    if how.start {
+        cmd.arg("--start");
     }
     let spawn_err = |source| ShimClientError::Spawn {
         path: shim_bin.to_path_buf(),

@@ -128,6 +128,7 @@ async fn c17_missing_binary_fails_at_create() -> Result<()> {
         .task()
         .create(&tpb::CreateRequest {
             container_id: "missing".into(),
+            start: false,
         })
         .await
         .unwrap_err();

@@ -377,6 +377,7 @@ async fn tty_gets_size_input_and_output() -> Result<()> {
     let task = node.task();
     task.create(&tpb::CreateRequest {
         container_id: "t".into(),
+        start: false,
     })
     .await?;
     task.resize(&tpb::ResizeRequest {

@@ -14,6 +14,70 @@ use common::{pid_alive, Node};
 
 /// A task's life over NATS: create, start, output, exit recorded here and in
 /// metadata, delete that leaves no bundle, mount or reservation.
+/// `create` with `start` runs the process at once (one `runc run
+/// --detach`): the reply's pid is the running init, the task reads
+/// running, `tasks.create` and `tasks.start` are published in that order,
+/// and a later `start` is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn create_with_start_runs_at_once() -> Result<()> {
+    let node = Node::start("runnow").await?;
+    let image = node.import_busybox().await?;
+    node.container("r1", &image, &["sh", "-c", "echo up; sleep 30"])
+        .await?;
+    let created = node
+        .task()
+        .create(&tpb::CreateRequest {
+            container_id: "r1".into(),
+            start: true,
+        })
+        .await?;
+    assert!(pid_alive(created.pid), "init {} not running", created.pid);
+    let state = node.state("r1").await?;
+    assert_eq!((state.status.as_str(), state.pid), ("running", created.pid));
+
+    let again = node
+        .task()
+        .start(&tpb::StartRequest {
+            container_id: "r1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code, Code::FailedPrecondition, "{again}");
+
+    let topics: Vec<String> = node
+        .task_events("r1")
+        .await?
+        .into_iter()
+        .map(|(topic, _)| topic)
+        .collect();
+    let at = |topic: &str| topics.iter().position(|t| t == topic);
+    assert!(
+        at("tasks.create").is_some() && at("tasks.create") < at("tasks.start"),
+        "{topics:?}"
+    );
+
+    node.task()
+        .kill(&tpb::KillRequest {
+            container_id: "r1".into(),
+            signal: 9,
+            ..Default::default()
+        })
+        .await?;
+    let stopped = node.wait_stopped("r1").await?;
+    assert_eq!(stopped.exit_status, 137);
+    let stdout = node
+        .task()
+        .logs(&tpb::LogsRequest {
+            container_id: "r1".into(),
+            stream: tpb::Stream::Stdout as i32,
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(&stdout.data[..], b"up\n");
+    node.delete("r1").await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn lifecycle_is_recorded_and_cleaned_up() -> Result<()> {
     let node = Node::start("life").await?;
@@ -125,6 +189,7 @@ async fn missing_binary_is_an_error_at_create() -> Result<()> {
         .task()
         .create(&tpb::CreateRequest {
             container_id: "nope".into(),
+            start: false,
         })
         .await
         .unwrap_err();
@@ -152,6 +217,7 @@ async fn missing_binary_is_an_error_at_create() -> Result<()> {
         .task()
         .create(&tpb::CreateRequest {
             container_id: "nope".into(),
+            start: false,
         })
         .await;
     assert_eq!(retry.unwrap_err().code, Code::InvalidArgument);

@@ -9,7 +9,7 @@ use berth_proto::Timestamp;
 
 use super::{io_err, shim_error, task_event};
 use crate::error::{Result, TaskError};
-use crate::shim_client::{spawn_shim_at, ShimClient, ShimClientError};
+use crate::shim_client::{spawn_shim_at, ShimClient, ShimClientError, Spawn};
 use crate::spec::{self, ImageConfig, RunOptions};
 use crate::store::{Status, TaskRecord};
 use crate::{monitor, remove_tree, TaskService};
@@ -20,7 +20,8 @@ fn new_generation() -> u64 {
 }
 
 /// `create`: reserves the task in metadata, mounts the rootfs, writes the
-/// bundle and starts the shim (`runc create`). `FailedPrecondition` when the
+/// bundle and starts the shim (`runc create`, or `runc run --detach` when
+/// the request says start too). `FailedPrecondition` when the
 /// container has a task already or lives on another node; `InvalidArgument`
 /// when its options or image cannot run (runc's words); `PermissionDenied`
 /// when they leave the confinement of a confined namespace.
@@ -29,13 +30,14 @@ pub(crate) async fn create(
     call: Call,
     req: pb::CreateRequest,
 ) -> berth_bus::Result<pb::CreateReply> {
-    Ok(create_task(&svc, &call, &req.container_id).await?)
+    Ok(create_task(&svc, &call, &req.container_id, req.start).await?)
 }
 
 async fn create_task(
     svc: &Arc<TaskService>,
     call: &Call,
     container_id: &str,
+    start: bool,
 ) -> Result<pb::CreateReply> {
     call.record("container_id", container_id);
     let namespace = call.namespace();
@@ -83,7 +85,7 @@ async fn create_task(
         .await?;
 
     // From here a failure undoes what was made and gives the reservation back.
-    let record = match make_task(svc, namespace, &container, generation).await {
+    let record = match make_task(svc, namespace, &container, generation, start).await {
         Ok(record) => record,
         Err(err) => {
             undo_create(svc, namespace, container_id).await;
@@ -99,9 +101,20 @@ async fn create_task(
     svc.store
         .outbox
         .push(&mut txn, namespace, "tasks.create", generation, &event)?;
+    if start {
+        svc.store
+            .outbox
+            .push(&mut txn, namespace, "tasks.start", generation, &event)?;
+    }
     svc.store.requests.record(&mut txn, call, &reply)?;
     txn.commit()?;
-    tracing::info!(namespace, container_id, pid = record.pid, "task created");
+    tracing::info!(
+        namespace,
+        container_id,
+        pid = record.pid,
+        start,
+        "task created"
+    );
 
     monitor::watch(
         svc.clone(),
@@ -118,6 +131,7 @@ async fn make_task(
     namespace: &str,
     container: &mpb::Container,
     generation: u64,
+    start: bool,
 ) -> Result<TaskRecord> {
     let container_id = container.container_id.as_str();
     let options = container.options.clone().unwrap_or_default();
@@ -167,7 +181,10 @@ async fn make_task(
         &state,
         &socket,
         svc.runc.as_deref(),
-        options.stdin || options.tty,
+        Spawn {
+            stdin: options.stdin || options.tty,
+            start,
+        },
     )
     .await
     .map_err(|err| match err {
@@ -188,7 +205,11 @@ async fn make_task(
     Ok(TaskRecord {
         generation,
         boot_id: svc.boot_id.clone(),
-        status: Status::Created,
+        status: if start {
+            Status::Running
+        } else {
+            Status::Created
+        },
         pid,
         pid_start_time: crate::shim::protocol::process_start_time(pid).unwrap_or_default(),
         exit: None,

@@ -43,6 +43,9 @@ pub struct ShimConfig {
     /// Keep the init's stdin open for the client (`--stdin`); with a
     /// terminal in the spec, input always goes to the terminal.
     pub stdin: bool,
+    /// Start the init as soon as it is made (`--start`): one `runc run
+    /// --detach` instead of `runc create` and, later, `runc start`.
+    pub start: bool,
 }
 
 /// Exits of pids nobody waits for yet, kept in case one is the init that
@@ -293,8 +296,9 @@ impl Shim {
             .unwrap_or_else(|| format!("runc {op} exited with status {status}")))
     }
 
-    /// `runc create`, with the container's stdio appended to the log files,
-    /// then learns the init pid.
+    /// `runc create` (or `runc run --detach` when the config says start),
+    /// with the container's stdio appended to the log files, then learns
+    /// the init pid.
     pub(crate) fn create(&self) -> Result<u32, String> {
         let open = |name: &str| {
             OpenOptions::new()
@@ -305,13 +309,17 @@ impl Shim {
         };
         let (stdout, stderr) = (open(STDOUT_FILE)?, open(STDERR_FILE)?);
         let pid_file = self.cfg.state_dir.join(INIT_PID_FILE);
-        let args: Vec<std::ffi::OsString> = vec![
-            "create".into(),
+        let mut args: Vec<std::ffi::OsString> = if self.cfg.start {
+            vec!["run".into(), "--detach".into()]
+        } else {
+            vec!["create".into()]
+        };
+        args.extend([
             "--bundle".into(),
             self.cfg.bundle.clone().into_os_string(),
             "--pid-file".into(),
             pid_file.clone().into_os_string(),
-        ];
+        ]);
 
         // A terminal comes back from runc on the console socket; an open
         // stdin without one is a pipe the init inherits.
@@ -337,6 +345,7 @@ impl Shim {
         // The init may have died before its pid was known.
         let mut st = self.lock();
         st.init_pid = Some(pid);
+        st.started = self.cfg.start;
         if let Some(pos) = st.unclaimed.iter().position(|(p, _)| *p == pid) {
             let (_, record) = st
                 .unclaimed

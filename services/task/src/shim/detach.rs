@@ -89,16 +89,21 @@ fn path_err(path: &Path) -> impl FnOnce(io::Error) -> ShimError + '_ {
     }
 }
 
-/// Parses `--id ID --bundle DIR --state DIR [--runc PATH] [--socket PATH] [--stdin]`.
+/// Parses `--id ID --bundle DIR --state DIR [--runc PATH] [--socket PATH]
+/// [--stdin] [--start]`.
 pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<ShimConfig, ShimError> {
     let usage = |message: String| ShimError::Usage { message };
     let (mut id, mut bundle, mut state, mut runc, mut socket) = (None, None, None, None, None);
-    let mut stdin = false;
+    let (mut stdin, mut start) = (false, false);
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
         let slot = match flag.to_str() {
             Some("--stdin") => {
                 stdin = true;
+                continue;
+            }
+            Some("--start") => {
+                start = true;
                 continue;
             }
             Some("--id") => &mut id,
@@ -134,6 +139,7 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<ShimConfig
             .unwrap_or_else(|| PathBuf::from("runc")),
         socket,
         stdin,
+        start,
     })
 }
 

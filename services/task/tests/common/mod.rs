@@ -297,6 +297,7 @@ impl Node {
         let created = task
             .create(&tpb::CreateRequest {
                 container_id: container_id.to_string(),
+                start: false,
             })
             .await?;
         let started = task
