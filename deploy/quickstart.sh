@@ -8,20 +8,23 @@ cd "$(dirname "$0")/.."
 
 . deploy/install-deps.sh
 cargo build --release --bins --locked
-bin="$PWD/target/release"
+bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 log="${BERTH_LOG_FILE:-/var/log/berthd.log}"
 
 if ! "$bin/berth" image ls >/dev/null 2>&1; then
     echo "starting berthd (log: $log)"
-    : >"$log"
+    # The log is appended to, so an earlier run's lines stay; only what
+    # this berthd writes counts.
+    echo "--- berthd started by quickstart.sh at $(date -u +%FT%TZ)" >>"$log"
+    first=$(($(wc -l <"$log") + 1))
     setsid "$bin/berthd" >>"$log" 2>&1 </dev/null &
     for _ in $(seq 300); do
-        grep -q "berthd ready" "$log" && break
+        tail -n "+$first" "$log" | grep -q "berthd ready" && break
         sleep 0.1
     done
-    if ! grep -q "berthd ready" "$log"; then
+    if ! tail -n "+$first" "$log" | grep -q "berthd ready"; then
         echo "berthd did not get ready:" >&2
-        cat "$log" >&2
+        tail -n "+$first" "$log" >&2
         exit 1
     fi
 fi
