@@ -9,10 +9,12 @@
 //! a hardlink to a lower file into a copy (a link into a shared layer would let
 //! one image change another's files).
 //!
-//! Two threads share the work. The calling thread reads the blob, hashes it,
-//! inflates it and hashes the tar stream (the diff ID); a scoped writer thread
-//! takes the tar stream in chunks over a bounded channel and writes the files,
-//! so inflating and writing overlap.
+//! Four threads share the work. The calling thread reads the blob and
+//! inflates it; two scoped hashing threads take copies of what it read and
+//! of what it inflated, over bounded channels, and hash them (the blob's
+//! digest and the diff ID); a scoped writer thread takes the tar stream in
+//! chunks and writes the files. So reading, hashing, inflating and writing
+//! overlap, and none of them waits for another but through a full channel.
 //!
 //! Every name is confined to the upper directory: `..` is clipped at the root
 //! and absolute names are taken as relative to it (chroot-style scoping, as
@@ -30,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
 
+use bytes::Bytes;
 use flate2::read::MultiGzDecoder;
 use nix::errno::Errno;
 use nix::fcntl::{openat, openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
@@ -294,18 +297,26 @@ pub fn apply_layer_with(
     limits: LayerLimits,
 ) -> Result<Applied, ApplyError> {
     let unpacker = Unpacker::open(upper, lowers)?;
-    let mut source = HashingReader::new(layer);
     let (tx, rx) = mpsc::sync_channel(CHANNEL_DEPTH);
 
-    // The writer runs on its own thread so the layer reader need not be Send.
-    let (read, written) = thread::scope(|scope| {
+    // The writer and the hashers run on their own threads, so the layer
+    // reader need not be Send.
+    let (read, written, compressed, diff_id) = thread::scope(|scope| {
+        let (compressed_tx, compressed) = hash_thread(scope);
+        let (diff_tx, diff_id) = hash_thread(scope);
         let writer = scope.spawn(move || unpacker.unpack(ChannelReader::new(rx)));
-        let read = pump(&mut source, compression, tx, &Guard { limits, upper });
-        let written = match writer.join() {
-            Ok(written) => written,
-            Err(panic) => std::panic::resume_unwind(panic),
-        };
-        (read, written)
+        let mut source = CountingReader::new(layer, compressed_tx);
+        let read = pump(
+            &mut source,
+            compression,
+            tx,
+            diff_tx,
+            &Guard { limits, upper },
+        );
+        let count = source.count;
+        drop(source);
+        let written = joined(writer);
+        (read, written, (joined(compressed), count), joined(diff_id))
     });
 
     // A failed read aborts the writer too, so the reader's error is the cause;
@@ -320,13 +331,13 @@ pub fn apply_layer_with(
                 "layer writer stopped early",
             )))
         }
-        (Ok(uncompressed), Ok(())) => uncompressed,
+        (Ok(size), Ok(())) => size,
     };
     Ok(Applied {
-        diff_id: uncompressed.digest,
-        compressed_digest: format!("sha256:{}", hex::encode(source.hasher.finalize())),
-        compressed_size: source.count,
-        uncompressed_size: uncompressed.size,
+        diff_id: diff_id.to_string(),
+        compressed_digest: compressed.0.to_string(),
+        compressed_size: compressed.1,
+        uncompressed_size: uncompressed,
     })
 }
 
@@ -345,46 +356,80 @@ pub fn init_upper(upper: &Path, lowers: &[PathBuf]) -> Result<(), ApplyError> {
 // ---------------------------------------------------------------------------
 // The stream: read, hash, inflate, hash, hand over.
 
-/// A reader that hashes and counts what passes through it, and remembers
-/// whether the source (not a decoder above it) failed.
-struct HashingReader<R> {
+/// A reader that counts what passes through it, sends a copy to be hashed,
+/// and remembers whether the source (not a decoder above it) failed.
+struct CountingReader<R> {
     inner: R,
-    hasher: Sha256,
+    hash: mpsc::SyncSender<Bytes>,
     count: u64,
     failed: bool,
 }
 
-impl<R: Read> HashingReader<R> {
-    fn new(inner: R) -> Self {
-        HashingReader {
+impl<R: Read> CountingReader<R> {
+    fn new(inner: R, hash: mpsc::SyncSender<Bytes>) -> Self {
+        CountingReader {
             inner,
-            hasher: Sha256::new(),
+            hash,
             count: 0,
             failed: false,
         }
     }
 }
 
-impl<R: Read> Read for HashingReader<R> {
+impl<R: Read> Read for CountingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf).inspect_err(|_| self.failed = true)?;
-        self.hasher.update(&buf[..n]);
+        if n > 0 {
+            // The hasher lives as long as this reader; a send fails only
+            // after it panicked, which its join reports.
+            let _ = self.hash.send(Bytes::copy_from_slice(&buf[..n]));
+        }
         self.count += n as u64;
         Ok(n)
     }
 }
 
-/// One message from the inflating thread to the writer.
-enum Chunk {
-    Data(Vec<u8>),
-    /// The tar stream ended cleanly; a dropped sender without it is an abort.
-    End,
+/// A thread that hashes what it is sent until the sender is dropped; its
+/// handle gives the digest.
+fn hash_thread<'scope>(
+    scope: &'scope thread::Scope<'scope, '_>,
+) -> (
+    mpsc::SyncSender<Bytes>,
+    thread::ScopedJoinHandle<'scope, Digest256>,
+) {
+    let (tx, rx) = mpsc::sync_channel::<Bytes>(CHANNEL_DEPTH);
+    let handle = scope.spawn(move || {
+        let mut hasher = Sha256::new();
+        for chunk in rx {
+            hasher.update(&chunk);
+        }
+        Digest256(hasher.finalize().into())
+    });
+    (tx, handle)
 }
 
-/// The uncompressed stream's digest and size.
-struct Uncompressed {
-    digest: String,
-    size: u64,
+/// A sha256 digest, shown as `sha256:<hex>`.
+struct Digest256([u8; 32]);
+
+impl std::fmt::Display for Digest256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sha256:{}", hex::encode(self.0))
+    }
+}
+
+/// A scoped thread's result, its panic passed on.
+fn joined<T>(handle: thread::ScopedJoinHandle<'_, T>) -> T {
+    match handle.join() {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// One message from the inflating thread to the writer.
+enum Chunk {
+    Data(Bytes),
+    /// The tar stream ended cleanly; a dropped sender without it is an abort.
+    End,
 }
 
 enum PumpError {
@@ -425,15 +470,16 @@ impl Guard<'_> {
 }
 
 /// Reads the whole layer, inflates it and sends the tar stream to the
-/// writer, stopping as soon as `guard` refuses the stream's size.
+/// writer and to `diff` (its hasher), stopping as soon as `guard` refuses
+/// the stream's size. Returns the stream's size.
 fn pump<R: Read>(
-    source: &mut HashingReader<R>,
+    source: &mut CountingReader<R>,
     compression: Compression,
     tx: mpsc::SyncSender<Chunk>,
+    diff: mpsc::SyncSender<Bytes>,
     guard: &Guard<'_>,
-) -> Result<Uncompressed, PumpError> {
+) -> Result<u64, PumpError> {
     let mut buffered = BufReader::with_capacity(CHUNK_SIZE, source);
-    let mut diff = Sha256::new();
     let mut size = 0u64;
 
     let inflated = (|| -> io::Result<Result<(), PumpError>> {
@@ -443,7 +489,7 @@ fn pump<R: Read>(
             Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(&mut buffered)?),
         };
         loop {
-            let chunk = read_chunk(&mut decoder)?;
+            let chunk = Bytes::from(read_chunk(&mut decoder)?);
             if chunk.is_empty() {
                 return Ok(Ok(()));
             }
@@ -451,7 +497,9 @@ fn pump<R: Read>(
             if let Err(refused) = guard.check(size, grown) {
                 return Ok(Err(PumpError::Failed(refused)));
             }
-            diff.update(&chunk);
+            // The hasher lives as long as this call; a send fails only
+            // after it panicked, which its join reports.
+            let _ = diff.send(chunk.clone());
             size = grown;
             if tx.send(Chunk::Data(chunk)).is_err() {
                 return Ok(Err(PumpError::WriterGone));
@@ -476,10 +524,7 @@ fn pump<R: Read>(
     // Bytes after the last gzip member or zstd frame still count for the digest.
     io::copy(&mut buffered, &mut io::sink()).map_err(|e| PumpError::Failed(ApplyError::Read(e)))?;
     tx.send(Chunk::End).map_err(|_| PumpError::WriterGone)?;
-    Ok(Uncompressed {
-        digest: format!("sha256:{}", hex::encode(diff.finalize())),
-        size,
-    })
+    Ok(size)
 }
 
 /// Reads up to one chunk, fewer only at the end of the stream.
@@ -504,7 +549,7 @@ fn read_chunk(reader: &mut impl Read) -> io::Result<Vec<u8>> {
 /// that no entry's data reached into those zeros.
 struct ChannelReader {
     rx: mpsc::Receiver<Chunk>,
-    chunk: Vec<u8>,
+    chunk: Bytes,
     pos: usize,
     /// Bytes received, without the padding.
     real_len: u64,
@@ -516,7 +561,7 @@ impl ChannelReader {
     fn new(rx: mpsc::Receiver<Chunk>) -> Self {
         ChannelReader {
             rx,
-            chunk: Vec::new(),
+            chunk: Bytes::new(),
             pos: 0,
             real_len: 0,
             ended: false,
