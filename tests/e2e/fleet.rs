@@ -541,6 +541,10 @@ fn two_nodes_on_a_three_server_cluster() -> Result<()> {
     ensure!(readopted, "a1 not re-adopted:\n{}", fleet.logs());
     let waited = fleet.berth_ok(0, &["wait", "a1"])?;
     ensure!(waited.trim() == "137", "{waited}");
+    // A slow restart may have let the registry mark a lost; an `rm -f`
+    // then would leave tombstones for a's next reconcile (30 s on) instead
+    // of removing the tasks now. What is checked here is the re-adoption.
+    fleet.wait_state(0, "ready", LOST_WITHIN)?;
     fleet.berth_ok(0, &["rm", "-f", "a1", "a2"])?;
     ensure!(fleet.status("a2")?.is_none());
     fleet.berth_ok(
