@@ -542,7 +542,7 @@ fn two_nodes_on_a_three_server_cluster() -> Result<()> {
     let waited = fleet.berth_ok(0, &["wait", "a1"])?;
     ensure!(waited.trim() == "137", "{waited}");
     // A slow restart may have let the registry mark a lost; an `rm -f`
-    // then would leave tombstones for a's next reconcile (30 s on) instead
+    // then would leave tombstones for a's next reconcile (5 s on) instead
     // of removing the tasks now. What is checked here is the re-adoption.
     fleet.wait_state(0, "ready", LOST_WITHIN)?;
     fleet.berth_ok(0, &["rm", "-f", "a1", "a2"])?;

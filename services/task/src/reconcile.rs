@@ -37,8 +37,10 @@ use berth_proto::task as pb;
 use crate::store::Status;
 use crate::TaskService;
 
-/// How often tombstones are looked for after the first time.
-pub const EVERY: Duration = Duration::from_secs(30);
+/// How often tombstones are looked for after the first time: the bound on
+/// how long a task removed while its node was (or looked) lost runs on
+/// after the node is back. A round is one `tombstones.list` a namespace.
+pub const EVERY: Duration = Duration::from_secs(5);
 
 /// How long a killed task has to exit before its tombstone waits for the
 /// next round.
