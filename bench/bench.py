@@ -151,7 +151,30 @@ def children(pid):
 # --- the systems ----------------------------------------------------------
 
 
-class Berth:
+class Daemon:
+    """A daemon this run started: stopped with SIGTERM (SIGKILL after 30 s),
+    or killed outright."""
+
+    proc = None
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def sigkill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def daemon_pids(self):
+        return [self.proc.pid]
+
+
+class Berth(Daemon):
     name = "berth"
 
     def __init__(self, bin_dir, root, state, port):
@@ -203,24 +226,12 @@ class Berth:
         return None
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().stop()
         pid = self.nats_pid()
         if pid:
             os.kill(pid, signal.SIGTERM)
             wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, 0.05)
 
-    def sigkill(self):
-        self.proc.kill()
-        self.proc.wait()
-
-    def daemon_pids(self):
-        return [self.proc.pid]
 
     def shim_comm(self):
         return "berth-shim"
@@ -272,7 +283,7 @@ class Berth:
         return event.get("object", "").split()[0], event.get("exited_at_unix_nanos")
 
 
-class Containerd:
+class Containerd(Daemon):
     name = "containerd"
 
     def __init__(self, root, state):
@@ -322,21 +333,6 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         if ok is None:
             raise RuntimeError(f"containerd not ready in 60 s; see {self.log_path}")
 
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def sigkill(self):
-        self.proc.kill()
-        self.proc.wait()
-
-    def daemon_pids(self):
-        return [self.proc.pid]
 
     def shim_comm(self):
         return "containerd-shim"

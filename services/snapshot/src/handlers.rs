@@ -46,16 +46,11 @@ pub(crate) fn mutate<Rep: Message + Default>(
     call: &Call,
     change: impl FnOnce(&mut RwTxn) -> Result<Rep>,
 ) -> Result<(Rep, bool)> {
-    let mut txn = store.env.write_txn()?;
-    let replayed = store.requests.replay(&txn, call);
-    if let Some(reply) = replayed.map_err(SnapshotError::bus("request log"))? {
-        return Ok((reply, false));
-    }
-    let reply = change(&mut txn)?;
-    let recorded = store.requests.record(&mut txn, call, &reply);
-    recorded.map_err(SnapshotError::bus("request log"))?;
-    txn.commit()?;
-    Ok((reply, true))
+    let log_err = |err| SnapshotError::Bus {
+        what: "request log",
+        source: err,
+    };
+    store.requests.mutate(&store.env, call, log_err, change)
 }
 
 /// Makes a snapshot on committed `parent` (empty for none): its directories

@@ -48,6 +48,32 @@ impl RequestLog {
         Ok(Some(Rep::decode(&stored[32..])?))
     }
 
+    /// Runs one mutating request in one write transaction of `env`: the
+    /// first outcome of a retried request id, or what `change` replies,
+    /// stored under the id with its effect. The flag is true when this call
+    /// made the change. A failure of the log itself goes through `log_err`
+    /// into the service's own error.
+    pub fn mutate<Rep, E>(
+        &self,
+        env: &Env,
+        call: &Call,
+        log_err: impl Fn(Error) -> E,
+        change: impl FnOnce(&mut RwTxn) -> std::result::Result<Rep, E>,
+    ) -> std::result::Result<(Rep, bool), E>
+    where
+        Rep: Message + Default,
+        E: From<heed::Error>,
+    {
+        let mut txn = env.write_txn()?;
+        if let Some(reply) = self.replay(&txn, call).map_err(&log_err)? {
+            return Ok((reply, false));
+        }
+        let reply = change(&mut txn)?;
+        self.record(&mut txn, call, &reply).map_err(&log_err)?;
+        txn.commit()?;
+        Ok((reply, true))
+    }
+
     /// Stores this call's outcome under its request id (no-op without one).
     pub fn record<Rep: Message>(&self, txn: &mut RwTxn, call: &Call, reply: &Rep) -> Result<()> {
         let Some(key) = key(call) else {

@@ -197,25 +197,13 @@ pub(crate) async fn add(
     req: pb::AddLeaseResourcesRequest,
 ) -> berth_bus::Result<pb::LeaseReply> {
     req.resources.iter().try_for_each(|r| check_resource(r))?;
-    let namespace = call.namespace().to_string();
-    let reply = svc
-        .store
-        .mutate(&call, move |schema, txn| {
-            let before = schema.leases.require(txn, &namespace, &req.lease_id)?;
-            let mut lease = before.clone();
-            lease.resources.extend(req.resources);
-            lease.resources.sort();
-            lease.resources.dedup();
-            if lease.resources == before.resources {
-                return Ok(pb::LeaseReply {
-                    lease: Some(before),
-                });
-            }
-            let lease = put_changed(schema, txn, &namespace, &before, lease)?;
-            Ok(pb::LeaseReply { lease: Some(lease) })
-        })
-        .await?;
-    Ok(reply)
+    let added = req.resources;
+    change_resources(svc, call, req.lease_id, move |resources| {
+        resources.extend(added);
+        resources.sort();
+        resources.dedup();
+    })
+    .await
 }
 
 /// `leases.remove`: detaches resources; ones not attached are ignored.
@@ -224,13 +212,28 @@ pub(crate) async fn remove(
     call: Call,
     req: pb::RemoveLeaseResourcesRequest,
 ) -> berth_bus::Result<pb::LeaseReply> {
+    let removed = req.resources;
+    change_resources(svc, call, req.lease_id, move |resources| {
+        resources.retain(|r| !removed.contains(r));
+    })
+    .await
+}
+
+/// Changes a lease's resources with `change`; a lease `change` leaves as
+/// it was is not written again (no event, no new generation).
+async fn change_resources(
+    svc: Arc<MetadataService>,
+    call: Call,
+    lease_id: String,
+    change: impl FnOnce(&mut Vec<String>) + Send + 'static,
+) -> berth_bus::Result<pb::LeaseReply> {
     let namespace = call.namespace().to_string();
     let reply = svc
         .store
         .mutate(&call, move |schema, txn| {
-            let before = schema.leases.require(txn, &namespace, &req.lease_id)?;
+            let before = schema.leases.require(txn, &namespace, &lease_id)?;
             let mut lease = before.clone();
-            lease.resources.retain(|r| !req.resources.contains(r));
+            change(&mut lease.resources);
             if lease.resources == before.resources {
                 return Ok(pb::LeaseReply {
                     lease: Some(before),
