@@ -741,7 +741,7 @@ def write_report(res, path, args, started):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--bin", required=True, help="the directory of berthd, berth and berth-shim")
+    parser.add_argument("--bin", required=True, help="the directory of berthd and berth (berthd finds berth-shim next to it, or at $BERTH_SHIM)")
     parser.add_argument("--mnt", required=True, help="the loop filesystem for both stores")
     parser.add_argument("--busybox", required=True)
     parser.add_argument("--big", required=True, help="the large image (OCI archive)")

@@ -27,6 +27,8 @@ bin="${BERTH_BIN:-$repo/target/release}"
 if [ ! -x "$bin/berthd" ]; then
     cargo build --release --bins --locked
 fi
+# The shim statically linked, as installs run it; BERTH_SHIM overrides.
+shim="${BERTH_SHIM:-$(deploy/build-shim.sh release)}"
 mkdir -p "$dir"
 
 # Waits up to $2 seconds for the pattern $3 in log $1.
@@ -72,7 +74,7 @@ wait_for "$dir/control.log" 60 "berthd ready"
 for i in $(seq "$nodes"); do
     node="node-$i"
     start "$node" "$bin/berthd" --services node --node "$node" --nats "$BERTH_NATS_URL" \
-        --root "$dir/$node/root" --state "$dir/$node/state" --shim "$bin/berth-shim"
+        --root "$dir/$node/root" --state "$dir/$node/state" --shim "$shim"
 done
 for i in $(seq "$nodes"); do
     wait_for "$dir/node-$i.log" 60 "berthd ready"

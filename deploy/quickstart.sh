@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 . deploy/install-deps.sh
 cargo build --release --bins --locked
+# The shim statically linked, as installs run it (deploy/build-shim.sh).
+shim=$(deploy/build-shim.sh release)
 bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 log="${BERTH_LOG_FILE:-/var/log/berthd.log}"
 
@@ -17,7 +19,7 @@ if ! "$bin/berth" image ls >/dev/null 2>&1; then
     # this berthd writes counts.
     echo "--- berthd started by quickstart.sh at $(date -u +%FT%TZ)" >>"$log"
     first=$(($(wc -l <"$log") + 1))
-    setsid "$bin/berthd" >>"$log" 2>&1 </dev/null &
+    setsid "$bin/berthd" --shim "$shim" >>"$log" 2>&1 </dev/null &
     for _ in $(seq 300); do
         tail -n "+$first" "$log" | grep -q "berthd ready" && break
         sleep 0.1

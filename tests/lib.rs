@@ -224,7 +224,7 @@ impl Node {
             .arg(self.state())
             .args(["--nats", &self.nats.url(), "--node", &self.node])
             .args(["--shim"])
-            .arg(binary("berth-shim")?)
+            .arg(berth_testkit::shim_bin())
             .args(["--gc-interval", "3600"])
             .args(&self.berthd_args)
             .env("BERTH_LOG", "info")

@@ -145,8 +145,9 @@ struct Args {
     /// This node's id (default: the host name, dots as dashes).
     #[arg(long, env = "BERTH_NODE")]
     node: Option<String>,
-    /// The berth-shim binary (default: next to berthd).
-    #[arg(long)]
+    /// The berth-shim binary (default: next to berthd; deploy/build-shim.sh
+    /// builds the statically linked one that installs use).
+    #[arg(long, env = "BERTH_SHIM")]
     shim: Option<PathBuf>,
     /// The runc binary (default: runc in PATH).
     #[arg(long)]

@@ -164,7 +164,7 @@ impl Fleet {
             .arg("--state")
             .arg(agent.state())
             .arg("--shim")
-            .arg(binary("berth-shim")?)
+            .arg(berth_testkit::shim_bin())
             .args(["--heartbeat-interval", HEARTBEAT]);
         let log = agent.dir.join("berthd.log");
         let mark = fs::read_to_string(&log)
@@ -209,7 +209,7 @@ impl Fleet {
             .arg("--state")
             .arg(agent.state().join("task"))
             .arg("--shim")
-            .arg(binary("berth-shim")?)
+            .arg(berth_testkit::shim_bin())
             .args(["--heartbeat-interval", HEARTBEAT]);
         let proc = Proc::spawn(command, &agent.dir.join("task.log"))?;
         self.agents[i].task = Some(proc);

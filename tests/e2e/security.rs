@@ -658,7 +658,7 @@ impl Berthd {
             .arg(root.join("state"))
             .args(["--nats", url, "--node", "builtin", "--gc-interval", "3600"])
             .arg("--shim")
-            .arg(binary("berth-shim")?)
+            .arg(berth_testkit::shim_bin())
             .args(extra)
             .env("BERTH_LOG", "info")
             .env("NO_COLOR", "1")

@@ -30,7 +30,7 @@ pub mod heartbeat;
 pub mod monitor;
 pub mod reconcile;
 pub mod recover;
-pub mod shim;
+pub use berth_shim as shim;
 pub mod shim_client;
 pub mod spec;
 pub mod store;

@@ -15,7 +15,6 @@ use berth_task::shim_client::{read_exit, spawn_shim, ShimClient, ShimClientError
 use berth_task::spec::{build_spec, prepare_rootfs, write_config, ImageConfig, RunOptions};
 use tempfile::TempDir;
 
-const SHIM: &str = env!("CARGO_BIN_EXE_berth-shim");
 const BUSYBOX: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../tests/fixtures/images/busybox/busybox.oci.tar"
@@ -56,7 +55,7 @@ impl Fixture {
 
     async fn spawn(&self) -> Result<ShimClient, ShimClientError> {
         spawn_shim(
-            Path::new(SHIM),
+            &berth_testkit::shim_bin(),
             &self.container_id,
             &self.bundle,
             &self.state,
@@ -306,7 +305,7 @@ async fn shim_outlives_its_spawner() -> Result<()> {
         .arg("-c")
         .arg("\"$@\"; exit $?")
         .arg("sh")
-        .arg(SHIM)
+        .arg(berth_testkit::shim_bin())
         .arg("--id")
         .arg(&fx.container_id)
         .arg("--bundle")

@@ -332,6 +332,22 @@ pub fn tempdir(prefix: &str) -> Result<TempDir> {
     Ok(tempfile::Builder::new().prefix(prefix).tempdir()?)
 }
 
+/// The `berth-shim` the tests run: `$BERTH_SHIM` when set (deploy/test.sh
+/// sets it to the statically linked shim of deploy/build-shim.sh, the one
+/// that ships), else the workspace's own build. Panics with how to build it
+/// when it is missing, since no task test can run without one.
+pub fn shim_bin() -> PathBuf {
+    let path = std::env::var_os("BERTH_SHIM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_bin("berth-shim"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first (deploy/test.sh does)",
+        path.display()
+    );
+    path
+}
+
 /// Absolute path of a binary built by the workspace (`target/<profile>/NAME`),
 /// next to the running test executable.
 pub fn workspace_bin(name: &str) -> PathBuf {

@@ -19,7 +19,6 @@ use berth_proto::{content as cpb, metadata as mpb, snapshot as spb, task as tpb,
 use berth_testkit::{fixture, NatsServer};
 
 const TASK: &str = env!("CARGO_BIN_EXE_berth-task");
-const SHIM: &str = env!("CARGO_BIN_EXE_berth-shim");
 
 /// A node: the cluster services in-process, the task service as a child.
 pub struct Node {
@@ -92,14 +91,9 @@ impl Node {
             .append(true)
             .open(self.dir.path().join("task.log"))?;
         let child = Command::new(TASK)
-            .args([
-                "--nats",
-                &self.nats.url(),
-                "--node",
-                &self.node,
-                "--shim",
-                SHIM,
-            ])
+            .args(["--nats", &self.nats.url(), "--node", &self.node])
+            .arg("--shim")
+            .arg(berth_testkit::shim_bin())
             .arg("--root")
             .arg(self.dir.path().join("task"))
             .arg("--state")

@@ -20,8 +20,8 @@ use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use super::console::{self, Drained, Input};
-use super::protocol::{
+use crate::console::{self, Drained, Input};
+use crate::protocol::{
     check_exec_id, write_atomic, ExitRecord, Reply, Request, TaskState, TaskStatus, EXEC_DIR,
     EXIT_FILE, INIT_PID_FILE, MAX_LINE, RUNC_LOG_FILE, RUNC_ROOT_DIR, SHIM_PID_FILE, STDERR_FILE,
     STDOUT_FILE,

@@ -18,8 +18,8 @@ use nix::fcntl::OFlag;
 use nix::unistd::{fork, setsid, ForkResult};
 use thiserror::Error;
 
-use super::daemon::{block_sigchld, Shim, ShimConfig};
-use super::protocol::{
+use crate::daemon::{block_sigchld, Shim, ShimConfig};
+use crate::protocol::{
     process_start_time, write_atomic, Readiness, ShimPid, RUNC_ROOT_DIR, SHIM_PID_FILE, SOCKET_FILE,
 };
 

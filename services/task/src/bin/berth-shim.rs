@@ -1,6 +1,0 @@
-//! `berth-shim`: the per-container shim the task service starts for each
-//! task. All logic lives in `berth_task::shim`; see there for the protocol.
-
-fn main() {
-    std::process::exit(berth_task::shim::main());
-}
