@@ -109,8 +109,20 @@ pub async fn connect(url: &str, auth: &NatsAuth) -> anyhow::Result<async_nats::C
             anyhow::bail!("{} ({hint})", err.message)
         }
         Err(err) if err.code == Code::Unavailable => {
-            anyhow::bail!("{} (is berthd running?)", err.message)
+            anyhow::bail!("{} ({})", err.message, unavailable_hint(&err.message))
         }
         Err(err) => Err(err.into()),
+    }
+}
+
+/// What to check when no server took the connection: the TLS settings
+/// when the handshake failed on a certificate, else whether berthd runs.
+fn unavailable_hint(message: &str) -> &'static str {
+    let lower = message.to_ascii_lowercase();
+    if lower.contains("certificate") || lower.contains("tls") {
+        "TLS: --tls-ca names the CA of the server's certificate; a server that \
+         verifies clients also needs --tls-cert and --tls-key"
+    } else {
+        "is berthd running?"
     }
 }
