@@ -3,7 +3,8 @@
 # control services, then the three nats-servers; each by the pid in its
 # pid file (SIGTERM, SIGKILL after 10 s). Containers keep running under
 # their shims, as after any stop of berthd: `--purge` also kills the shims
-# of FLEET_DIR's nodes, unmounts their rootfs and removes FLEET_DIR.
+# of FLEET_DIR's nodes and their containers, unmounts their rootfs and
+# removes FLEET_DIR.
 set -euo pipefail
 dir="${FLEET_DIR:-/var/tmp/berth-fleet}"
 
@@ -40,6 +41,15 @@ if [ "${1:-}" = "--purge" ]; then
             kill -KILL "${proc#/proc/}" 2>/dev/null || true
         fi
     done
+    # Then the containers: each task has runc's root in its state
+    # directory (.../runc/<id>/state.json), and `delete --force` kills the
+    # container's processes and removes its cgroup.
+    find "$dir"/node-*/state -path '*/runc/*/state.json' 2>/dev/null |
+        while read -r state; do
+            container="$(dirname "$state")"
+            runc --root "$(dirname "$container")" delete --force "$(basename "$container")" ||
+                true
+        done
     awk -v d="$dir/" 'index($5, d) == 1 { print $5 }' /proc/self/mountinfo |
         sort -r | while read -r point; do umount -l "$point" || true; done
     rm -rf "$dir"

@@ -4,32 +4,57 @@
 # in one `berthd --services control`, and node agents `berthd --services
 # node` for nodes node-1 .. node-N, each with its own root and state
 # directory. Everything lives under FLEET_DIR (default /var/tmp/berth-fleet):
-# logs, stores, roots and the pid files deploy/fleet-down.sh reads.
+# logs, stores, roots, the identities and TLS material (auth/, made by
+# deploy/fleet-auth.sh), the client settings (fleet.env) and the pid files
+# deploy/fleet-down.sh reads.
 #
 #   deploy/fleet-up.sh [NODES]          # default 2 nodes
-#   . deploy/cluster/fleet.env
+#   . /var/tmp/berth-fleet/fleet.env    # servers, TLS and the admin's seed
 #   target/release/berth nodes          # node-1 and node-2, ready
 #   target/release/berth --node node-2 image import busybox.oci.tar
 #   target/release/berth --node node-2 run --rm busybox echo hi
-#   deploy/fleet-down.sh                # stops it all; containers stop too
+#   deploy/fleet-down.sh                # stops the services (--purge: the
+#                                       # containers and FLEET_DIR too)
 #
-# BERTH_BIN names the directory of the binaries (default target/release,
-# built when missing). The servers are open to local clients: a fleet on
-# more than one machine adds identities and TLS (README, "Access").
+# The servers take only TLS with a certificate of the fleet's CA, on client
+# connections and routes alike, and only berth's identities, each service
+# as its own. BERTH_BIN names the directory of the binaries (default
+# target/release, built when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
 nodes="${1:-2}"
 dir="${FLEET_DIR:-/var/tmp/berth-fleet}"
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
 bin="${BERTH_BIN:-$repo/target/release}"
+auth="$dir/auth"
 . deploy/cluster/fleet.env
+# Each service connects as its own identity from $auth, never as one the
+# caller's environment names (a shell that sourced fleet.env has the
+# admin's).
+unset BERTH_NATS_NKEY BERTH_NATS_CREDS BERTH_NATS_USER BERTH_NATS_PASSWORD
+export BERTH_TLS_CA="$auth/tls/ca.pem"
+export BERTH_TLS_CERT="$auth/tls/client-cert.pem"
+export BERTH_TLS_KEY="$auth/tls/client-key.pem"
 
 if [ ! -x "$bin/berthd" ]; then
     cargo build --release --bins --locked
 fi
 # The shim statically linked, as installs run it; BERTH_SHIM overrides.
 shim="${BERTH_SHIM:-$(deploy/build-shim.sh release)}"
-mkdir -p "$dir"
+BERTHD="$bin/berthd" deploy/fleet-auth.sh "$auth" "$nodes"
+# What a client of this fleet needs, for `. $dir/fleet.env`.
+{
+    cat deploy/cluster/fleet.env
+    echo
+    echo "# The admin's identity and the fleet's TLS material."
+    echo "BERTH_NATS_NKEY=$auth/admin.nk"
+    echo "BERTH_TLS_CA=$BERTH_TLS_CA"
+    echo "BERTH_TLS_CERT=$BERTH_TLS_CERT"
+    echo "BERTH_TLS_KEY=$BERTH_TLS_KEY"
+    echo "export BERTH_NATS_NKEY BERTH_TLS_CA BERTH_TLS_CERT BERTH_TLS_KEY"
+} >"$dir/fleet.env"
 
 # Waits up to $2 seconds for the pattern $3 in log $1.
 wait_for() {
@@ -58,7 +83,15 @@ start() {
 
 for i in 1 2 3; do
     mkdir -p "$dir/nats-$i"
-    NATS_STORE="$dir/nats-$i" start "nats-$i" nats-server -c "$repo/deploy/cluster/nats-$i.conf"
+    # Beside auth/, and run from $dir: the server reads its include beside
+    # the file and its TLS files from its working directory.
+    cp "deploy/cluster/nats-$i.conf" "$dir/nats-$i.conf"
+    if [ -f "$dir/nats-$i.pid" ] && kill -0 "$(cat "$dir/nats-$i.pid")" 2>/dev/null; then
+        # Running already: have it read the identities again, in case
+        # this run added nodes.
+        kill -HUP "$(cat "$dir/nats-$i.pid")"
+    fi
+    (cd "$dir" && NATS_STORE="$dir/nats-$i" start "nats-$i" nats-server -c "nats-$i.conf")
 done
 for i in 1 2 3; do
     wait_for "$dir/nats-$i.log" 30 "Server is ready"
@@ -68,15 +101,15 @@ wait_for "$dir/nats-1.log" 30 "metadata leader" ||
     wait_for "$dir/nats-3.log" 5 "metadata leader"
 
 start control "$bin/berthd" --services control --nats "$BERTH_NATS_URL" \
-    --root "$dir/control/root"
+    --root "$dir/control/root" --auth-dir "$auth"
 wait_for "$dir/control.log" 60 "berthd ready"
 
 for i in $(seq "$nodes"); do
     node="node-$i"
     start "$node" "$bin/berthd" --services node --node "$node" --nats "$BERTH_NATS_URL" \
-        --root "$dir/$node/root" --state "$dir/$node/state" --shim "$shim"
+        --root "$dir/$node/root" --state "$dir/$node/state" --shim "$shim" --auth-dir "$auth"
 done
 for i in $(seq "$nodes"); do
     wait_for "$dir/node-$i.log" 60 "berthd ready"
 done
-echo "fleet ready: . deploy/cluster/fleet.env; $bin/berth nodes"
+echo "fleet ready: . $dir/fleet.env; $bin/berth nodes"

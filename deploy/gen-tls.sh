@@ -74,10 +74,12 @@ if [ ! -f server-cert.pem ]; then
         esac
     done
     request server "berth nats"
+    # clientAuth too: the servers of a cluster show it to each other on
+    # their routes, where each side verifies the other.
     cat >server.ext <<EOF
 basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=serverAuth
+extendedKeyUsage=serverAuth,clientAuth
 subjectAltName=$san
 EOF
     sign server
