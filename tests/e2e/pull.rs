@@ -9,11 +9,10 @@
 //! Each test starts its own node and registry, and takes a lock, since
 //! containers of tests running at once would share the process's node id.
 //!
-//! # Limitations
-//!
-//! The 4 MiB manifest cap is not exercised here: distribution itself
-//! neither takes nor serves a manifest over 4 MiB ("read exceeds limit"),
-//! so no real registry can send one.
+//! Distribution itself neither takes nor serves a manifest over 4 MiB
+//! ("read exceeds limit"), so the 32 MiB manifest comes from a hostile
+//! relay in front of the real registry, which answers one repository's
+//! manifest itself and passes every other request on.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -31,7 +30,10 @@ use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
 
 use berth_proto::content as cpb;
-use berth_tests::{fixture, serial, stderr, stdout, wait_until, Node, NodeOptions};
+use berth_tests::{
+    bomb, digest, fixture, host_arch, nothing_stored, serial, stderr, stdout, wait_until,
+    write_image, Node, NodeOptions,
+};
 
 /// The names `berth image ls` lists.
 fn image_names(node: &Node) -> Result<Vec<String>> {
@@ -52,15 +54,6 @@ fn content_digests(node: &Node) -> Result<String> {
 
 fn expected(path: &str) -> Result<String> {
     Ok(std::fs::read_to_string(fixture::image(path))?)
-}
-
-/// The architecture as Go (and image configs) name it.
-fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
 }
 
 /// A port nothing listens on now.
@@ -967,5 +960,174 @@ fn unknown_media_type_is_refused() -> Result<()> {
         "pull of an unknown media type said: {said}"
     );
     ensure!(image_names(&node)?.is_empty(), "{:?}", image_names(&node)?);
+    Ok(())
+}
+
+/// In front of a real registry, a registry turned hostile for one
+/// repository: it answers that repository's manifest GETs itself with
+/// `body` (declaring its length or not) and passes every other request on.
+/// One request per connection, so that none slips past on a kept-alive
+/// one; `sent` counts the bytes of `body` the client took.
+struct HostileManifest {
+    port: u16,
+    sent: Arc<AtomicU64>,
+}
+
+impl HostileManifest {
+    fn start(upstream: u16, repo: &str, body: Vec<u8>, declare_length: bool) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let sent = Arc::new(AtomicU64::new(0));
+        let (shared, body) = (sent.clone(), Arc::new(body));
+        let prefix = format!("GET /v2/{repo}/manifests/");
+        // Lives as long as the test process, as the throttle does.
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let (sent, body, prefix) = (shared.clone(), body.clone(), prefix.clone());
+                std::thread::spawn(move || {
+                    let _ = answer(client, upstream, &prefix, &body, declare_length, &sent);
+                });
+            }
+        });
+        Ok(HostileManifest { port, sent })
+    }
+}
+
+/// Serves one request of a [`HostileManifest`] connection.
+fn answer(
+    mut client: TcpStream,
+    upstream: u16,
+    prefix: &str,
+    body: &[u8],
+    declare_length: bool,
+    sent: &AtomicU64,
+) -> std::io::Result<()> {
+    // A pull sends GETs only: the request is its head.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if client.read(&mut byte)? == 0 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    if head.starts_with(prefix) {
+        let length = if declare_length {
+            format!("Content-Length: {}\r\n", body.len())
+        } else {
+            String::new()
+        };
+        write!(
+            client,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+             {length}Connection: close\r\n\r\n"
+        )?;
+        for chunk in body.chunks(64 * 1024) {
+            client.write_all(chunk)?;
+            sent.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+        }
+        return Ok(());
+    }
+    let mut request: String = head
+        .trim_end()
+        .lines()
+        .filter(|line| !line.to_ascii_lowercase().starts_with("connection:"))
+        .map(|line| format!("{line}\r\n"))
+        .collect();
+    request.push_str("Connection: close\r\n\r\n");
+    let mut server = TcpStream::connect(("127.0.0.1", upstream))?;
+    server.write_all(request.as_bytes())?;
+    std::io::copy(&mut server, &mut client)?;
+    Ok(())
+}
+
+/// A registry that sends a 32 MiB manifest is refused at pull, whether it
+/// declares the length (refused at the headers) or not (refused once
+/// 4 MiB have arrived), with a message naming the cap; the body is not
+/// read to its end, and nothing is recorded or stored.
+#[test]
+fn oversized_manifest_is_refused() -> Result<()> {
+    let _serial = serial();
+    let registry = Registry::start(None)?;
+    registry.push_fixture("busybox/busybox.oci.tar", "huge:latest", &[])?;
+    // The fixture's own manifest, with a 32 MiB annotation: it names the
+    // real config and layers, which the registry does hold.
+    let mut manifest = manifest_of(&fixture::image("busybox/busybox.oci.tar"))?;
+    manifest["annotations"] = serde_json::json!({ "pad": "x".repeat(32 << 20) });
+    let body = serde_json::to_vec(&manifest)?;
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .context("layer")?
+        .to_string();
+
+    let node = Node::start()?;
+    for declare_length in [true, false] {
+        let hostile = HostileManifest::start(registry.port, "huge", body.clone(), declare_length)?;
+        let reference = format!("127.0.0.1:{}/huge:latest", hostile.port);
+        let output = node.berth_code(&["--timeout", "60", "image", "pull", &reference], 125)?;
+        let said = stderr(&output);
+        let size = if declare_length {
+            format!("is {} bytes", body.len())
+        } else {
+            "is larger".to_string()
+        };
+        ensure!(
+            said.contains(&size) && said.contains(&format!("over the {} byte limit", 4 << 20)),
+            "pull of a 32 MiB manifest (length declared: {declare_length}) said: {said}"
+        );
+        let sent = hostile.sent.load(Ordering::SeqCst);
+        ensure!(
+            sent < body.len() as u64,
+            "the whole manifest was read ({sent} bytes; length declared: {declare_length})"
+        );
+        ensure!(image_names(&node)?.is_empty(), "{:?}", image_names(&node)?);
+        let blobs = content_digests(&node)?;
+        ensure!(!blobs.contains(&layer), "the store holds {layer}: {blobs}");
+    }
+    Ok(())
+}
+
+/// A gzip and a zstd layer in a registry that inflate far past the node's
+/// cap are refused at pull, in the unpack, with the error that says why;
+/// no image is recorded, and the pull's blobs go with its lease, leaving
+/// no blob, ingest or snapshot.
+#[test]
+fn bomb_layers_are_refused_at_pull() -> Result<()> {
+    let _serial = serial();
+    let registry = Registry::start(None)?;
+    let node = Node::start_with(NodeOptions {
+        berthd_args: vec!["--max-layer-size".into(), "8m".into()],
+        ..Default::default()
+    })?;
+    let dir = berth_testkit::tempdir("berth-pull-bombs-")?;
+    let gzip = bomb(|data| {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(data)?;
+        Ok(encoder.finish()?)
+    })?;
+    let zstd = bomb(|data| Ok(zstd::encode_all(data, 3)?))?;
+    let layers = [
+        ("gzip", gzip, "application/vnd.oci.image.layer.v1.tar+gzip"),
+        ("zstd", zstd, "application/vnd.oci.image.layer.v1.tar+zstd"),
+    ];
+    for (name, blob, media_type) in layers {
+        let archive = dir.path().join(format!("{name}.oci.tar"));
+        write_image(&archive, &blob, media_type, &digest(b"never checked"), "")?;
+        registry.push(
+            &format!("oci-archive:{}:latest", archive.display()),
+            &format!("{name}-bomb:latest"),
+            &["--preserve-digests"],
+        )?;
+        let reference = format!("{}/{name}-bomb:latest", registry.host());
+        let output = node.berth_code(&["--timeout", "60", "image", "pull", &reference], 125)?;
+        let said = stderr(&output);
+        ensure!(
+            said.contains("inflates past the 8388608 byte limit"),
+            "pull of a {name} bomb said: {said}"
+        );
+        ensure!(image_names(&node)?.is_empty(), "{:?}", image_names(&node)?);
+        nothing_stored(&node)?;
+    }
     Ok(())
 }

@@ -12,9 +12,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use sha2::{Digest, Sha256};
 
-use berth_tests::{binary, fixture, serial, wait_until, Node, NodeOptions};
+use berth_tests::{
+    binary, bomb, digest, fixture, nothing_stored, serial, wait_until, write_image, Node,
+    NodeOptions,
+};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -488,127 +490,6 @@ fn bombs_and_huge_manifests_are_refused() -> Result<()> {
     refused(&output, "manifest sha256:")?;
     nothing_stored(&node)?;
     Ok(())
-}
-
-/// Waits until the node's content and snapshot stores hold nothing: the
-/// failed import's blobs go with its lease, through gc.
-fn nothing_stored(node: &Node) -> Result<()> {
-    let root = node.root();
-    let empty = || {
-        Node::files_under(&root.join("content/blobs")).is_empty()
-            && Node::files_under(&root.join("content/ingest")).is_empty()
-            && std::fs::read_dir(root.join("snapshot/snapshots"))
-                .map(|mut entries| entries.next().is_none())
-                .unwrap_or(true)
-    };
-    ensure!(
-        wait_until(Duration::from_secs(15), empty),
-        "left behind: blobs {:?}, ingests {:?}, snapshots {:?}",
-        Node::files_under(&root.join("content/blobs")),
-        Node::files_under(&root.join("content/ingest")),
-        Node::files_under(&root.join("snapshot/snapshots")),
-    );
-    let snapshots = node.berth_ok(&["snapshot", "ls", "--json"])?;
-    ensure!(!snapshots.contains("sha256:"), "{snapshots}");
-    Ok(())
-}
-
-/// A tar of one file of 64 MiB of zeros, compressed by `encode` as a run
-/// of members (gzip) or frames (zstd), which decoders read as one stream:
-/// the header, 64 copies of one compressed MiB of zeros, the end blocks.
-fn bomb(encode: impl Fn(&[u8]) -> Result<Vec<u8>>) -> Result<Vec<u8>> {
-    const MIB: usize = 1 << 20;
-    let mut header = tar::Header::new_gnu();
-    header.set_path("zeros")?;
-    header.set_size(64 * MIB as u64);
-    header.set_mode(0o644);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(0);
-    header.set_cksum();
-    let zeros = encode(&vec![0; MIB])?;
-    let mut out = encode(header.as_bytes())?;
-    for _ in 0..64 {
-        out.extend_from_slice(&zeros);
-    }
-    out.extend(encode(&[0; 1024])?);
-    Ok(out)
-}
-
-fn digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-/// Writes an OCI layout archive of one image (`latest`) with one layer;
-/// `annotation` (when not empty) pads the manifest.
-fn write_image(
-    path: &Path,
-    layer: &[u8],
-    media_type: &str,
-    diff_id: &str,
-    annotation: &str,
-) -> Result<()> {
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": host_arch(),
-        "os": "linux",
-        "config": { "Cmd": ["true"] },
-        "rootfs": { "type": "layers", "diff_ids": [diff_id] },
-    }))?;
-    let mut manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": digest(&config),
-            "size": config.len(),
-        },
-        "layers": [{
-            "mediaType": media_type,
-            "digest": digest(layer),
-            "size": layer.len(),
-        }],
-    });
-    if !annotation.is_empty() {
-        manifest["annotations"] = serde_json::json!({ "padding": annotation });
-    }
-    let manifest = serde_json::to_vec(&manifest)?;
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": digest(&manifest),
-            "size": manifest.len(),
-            "annotations": { "org.opencontainers.image.ref.name": "latest" },
-        }],
-    }))?;
-
-    let mut builder = tar::Builder::new(std::fs::File::create(path)?);
-    let mut add = |name: String, data: &[u8]| -> Result<()> {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_mtime(0);
-        header.set_cksum();
-        builder.append_data(&mut header, name, data)?;
-        Ok(())
-    };
-    add("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    add("index.json".into(), &index)?;
-    for blob in [layer, &config, &manifest] {
-        let hex = digest(blob).trim_start_matches("sha256:").to_string();
-        add(format!("blobs/sha256/{hex}"), blob)?;
-    }
-    builder.into_inner()?.sync_all()?;
-    Ok(())
-}
-
-/// The OCI name of this host's architecture.
-fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
 }
 
 /// The stdout lines of `child`, as they come.
