@@ -76,6 +76,16 @@ enum Command {
     /// Manage images.
     #[command(subcommand)]
     Image(images::ImageCommand),
+    /// List images (`image ls`).
+    Images,
+    /// Pull an image from an OCI registry (`image pull`).
+    Pull(pull::PullArgs),
+    /// Remove image names (`image rm`).
+    Rmi {
+        /// The images' names.
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+    },
     /// Run a command in a new container.
     Run(run::RunArgs),
     /// Create a container and its task without starting it.
@@ -238,7 +248,7 @@ impl Command {
     /// The span name of the command, `berth.<command>`.
     fn name(&self) -> String {
         let name = match self {
-            Command::Image(_) => "image",
+            Command::Image(_) | Command::Images | Command::Pull(_) | Command::Rmi { .. } => "image",
             Command::Run(_) => "run",
             Command::Create(_) => "create",
             Command::Start(_) => "start",
@@ -286,6 +296,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 
     let code = match cli.command {
         Command::Image(command) => images::dispatch(&ctx, command).await?,
+        // docker's shorthands for three image commands.
+        Command::Images => images::dispatch(&ctx, images::ImageCommand::Ls).await?,
+        Command::Pull(args) => images::dispatch(&ctx, images::ImageCommand::Pull(args)).await?,
+        Command::Rmi { names } => {
+            images::dispatch(&ctx, images::ImageCommand::Rm { names }).await?
+        }
         Command::Run(args) => run::run(&ctx, args).await?,
         Command::Create(args) => run::create(&ctx, args).await?,
         Command::Start(args) => containers::start(&ctx, args).await?,

@@ -147,6 +147,8 @@ fn images_tag_export_and_import_again() -> Result<()> {
         .filter_map(|i| i["name"].as_str())
         .collect();
     ensure!(names.contains(&"docker.io/library/mybox:1"), "{names:?}");
+    // docker's shorthand lists the same.
+    ensure!(berth_json(&node, &["images"])? == listed);
 
     // The archive is an OCI layout: the layout file, an index naming each
     // image, and every blob under blobs/sha256.
@@ -189,7 +191,13 @@ fn images_tag_export_and_import_again() -> Result<()> {
     }
 
     // With every name gone, gc leaves nothing; the archive brings all back.
-    node.berth_ok(&["image", "rm", "busybox", "mybox:1", "opaque"])?;
+    node.berth_ok(&["rmi", "mybox:1"])?;
+    let listed = node.berth_ok(&["images"])?;
+    ensure!(
+        !listed.contains("mybox") && listed.contains("busybox:latest"),
+        "{listed}"
+    );
+    node.berth_ok(&["image", "rm", "busybox", "opaque"])?;
     node.berth_ok(&["gc"])?;
     let emptied = wait_until(Duration::from_secs(10), || {
         berth_json(&node, &["content", "ls"]).is_ok_and(|v| v == serde_json::json!([]))

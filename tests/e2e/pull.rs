@@ -1065,7 +1065,8 @@ fn oversized_manifest_is_refused() -> Result<()> {
     for declare_length in [true, false] {
         let hostile = HostileManifest::start(registry.port, "huge", body.clone(), declare_length)?;
         let reference = format!("127.0.0.1:{}/huge:latest", hostile.port);
-        let output = node.berth_code(&["--timeout", "60", "image", "pull", &reference], 125)?;
+        // docker's shorthand, `pull`, is `image pull`.
+        let output = node.berth_code(&["--timeout", "60", "pull", &reference], 125)?;
         let said = stderr(&output);
         let size = if declare_length {
             format!("is {} bytes", body.len())
