@@ -461,6 +461,21 @@ pub fn bomb(encode: impl Fn(&[u8]) -> Result<Vec<u8>>) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A gzip and a zstd [`bomb`], each with its name and its layer media type.
+pub fn bomb_layers() -> Result<[(&'static str, Vec<u8>, &'static str); 2]> {
+    let gzip = bomb(|data| {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut encoder, data)?;
+        Ok(encoder.finish()?)
+    })?;
+    let zstd = bomb(|data| Ok(zstd::encode_all(data, 3)?))?;
+    Ok([
+        ("gzip", gzip, "application/vnd.oci.image.layer.v1.tar+gzip"),
+        ("zstd", zstd, "application/vnd.oci.image.layer.v1.tar+zstd"),
+    ])
+}
+
+/// The OCI digest (`sha256:<hex>`) of `bytes`.
 pub fn digest(bytes: &[u8]) -> String {
     use sha2::{Digest as _, Sha256};
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))

@@ -31,7 +31,7 @@ use tempfile::TempDir;
 
 use berth_proto::content as cpb;
 use berth_tests::{
-    bomb, digest, fixture, host_arch, nothing_stored, serial, stderr, stdout, wait_until,
+    bomb_layers, digest, fixture, host_arch, nothing_stored, serial, stderr, stdout, wait_until,
     write_image, Node, NodeOptions,
 };
 
@@ -1102,17 +1102,7 @@ fn bomb_layers_are_refused_at_pull() -> Result<()> {
         ..Default::default()
     })?;
     let dir = berth_testkit::tempdir("berth-pull-bombs-")?;
-    let gzip = bomb(|data| {
-        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        encoder.write_all(data)?;
-        Ok(encoder.finish()?)
-    })?;
-    let zstd = bomb(|data| Ok(zstd::encode_all(data, 3)?))?;
-    let layers = [
-        ("gzip", gzip, "application/vnd.oci.image.layer.v1.tar+gzip"),
-        ("zstd", zstd, "application/vnd.oci.image.layer.v1.tar+zstd"),
-    ];
-    for (name, blob, media_type) in layers {
+    for (name, blob, media_type) in bomb_layers()? {
         let archive = dir.path().join(format!("{name}.oci.tar"));
         write_image(&archive, &blob, media_type, &digest(b"never checked"), "")?;
         registry.push(

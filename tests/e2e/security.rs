@@ -5,7 +5,7 @@
 //! `berthd gen-auth`, the server's `authorization` block, each service as
 //! its own identity, and TLS material made by `deploy/gen-tls.sh`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 
 use berth_tests::{
-    binary, bomb, digest, fixture, nothing_stored, serial, wait_until, write_image, Node,
+    binary, bomb_layers, digest, fixture, nothing_stored, serial, wait_until, write_image, Node,
     NodeOptions,
 };
 
@@ -453,18 +453,8 @@ fn bombs_and_huge_manifests_are_refused() -> Result<()> {
     // A tar of one file of 64 MiB of zeros (eight times the cap), in well
     // under a MiB. The unpack stops at the cap, long before a diff ID is
     // checked, so any digest names it.
-    let gzip = bomb(|data| {
-        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        encoder.write_all(data)?;
-        Ok(encoder.finish()?)
-    })?;
-    let zstd = bomb(|data| Ok(zstd::encode_all(data, 3)?))?;
     let diff_id = digest(b"never checked");
-    let layers = [
-        ("gzip", gzip, "application/vnd.oci.image.layer.v1.tar+gzip"),
-        ("zstd", zstd, "application/vnd.oci.image.layer.v1.tar+zstd"),
-    ];
-    for (name, blob, media_type) in layers {
+    for (name, blob, media_type) in bomb_layers()? {
         ensure!(blob.len() < 1 << 20, "{name} bomb is {} bytes", blob.len());
         let archive = dir.path().join(format!("{name}.oci.tar"));
         write_image(&archive, &blob, media_type, &diff_id, "")?;
