@@ -19,7 +19,7 @@
 # The servers take only TLS with a certificate of the fleet's CA, on client
 # connections and routes alike, and only berth's identities, each service
 # as its own. BERTH_BIN names the directory of the binaries (default
-# target/release, built when missing).
+# target/release, or $CARGO_TARGET_DIR/release; built when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -27,7 +27,7 @@ nodes="${1:-2}"
 dir="${FLEET_DIR:-/var/tmp/berth-fleet}"
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
-bin="${BERTH_BIN:-$repo/target/release}"
+bin="${BERTH_BIN:-${CARGO_TARGET_DIR:-$repo/target}/release}"
 auth="$dir/auth"
 . deploy/cluster/fleet.env
 # Each service connects as its own identity from $auth, never as one the
@@ -46,7 +46,9 @@ shim="${BERTH_SHIM:-$(deploy/build-shim.sh release)}"
 BERTHD="$bin/berthd" deploy/fleet-auth.sh "$auth" "$nodes"
 # What a client of this fleet needs, for `. $dir/fleet.env`.
 {
-    cat deploy/cluster/fleet.env
+    echo "# The client settings of the fleet in $dir, written by"
+    echo "# deploy/fleet-up.sh: . $dir/fleet.env"
+    grep -v '^#' deploy/cluster/fleet.env
     echo
     echo "# The admin's identity and the fleet's TLS material."
     echo "BERTH_NATS_NKEY=$auth/admin.nk"

@@ -98,7 +98,9 @@ pub async fn connect(url: &str, auth: &NatsAuth) -> anyhow::Result<async_nats::C
     match berth_bus::connect_with_config(&config).await {
         Ok(nats) => Ok(nats),
         Err(err) if err.code == Code::PermissionDenied => {
-            let hint = if config.has_identity() {
+            let hint = if let Some(seed) = &config.nkey {
+                format!("it does not know the identity in {}", seed.display())
+            } else if config.has_identity() {
                 "it does not know these credentials".to_string()
             } else {
                 format!(

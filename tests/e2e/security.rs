@@ -84,7 +84,13 @@ fn unauthenticated_clients_are_refused() -> Result<()> {
     ensure!(key.status.success(), "{}", text(&key.stderr));
     let output = node.berth_as(Some(&stranger.path().join("admin.nk")), &["ps"])?;
     refused(&output, "authorization violation")?;
-    refused(&output, "does not know these credentials")?;
+    refused(
+        &output,
+        &format!(
+            "does not know the identity in {}",
+            stranger.path().join("admin.nk").display()
+        ),
+    )?;
 
     // The admin's identity works.
     ok(node.berth(&["ps"])?)?;
