@@ -377,6 +377,16 @@ impl Node {
         Ok(out)
     }
 
+    /// The topics of one container's task events, in stream order.
+    pub async fn task_topics(&self, container_id: &str) -> Result<Vec<String>> {
+        Ok(self
+            .task_events(container_id)
+            .await?
+            .into_iter()
+            .map(|(topic, _)| topic)
+            .collect())
+    }
+
     pub async fn delete(&self, container_id: &str) -> Result<tpb::DeleteReply> {
         Ok(self
             .task()
