@@ -9,12 +9,21 @@
 //! go out one at a time, each after the ack of the one before, so the
 //! stream holds them in the order they were written.
 //!
+//! An event whose message id the caller derives from the change itself
+//! ([`Outbox::push_keyed`]: an exit, keyed by the reservation it ends) may
+//! also go out ahead of its commit ([`Outbox::send_ahead`]), when every
+//! entry before it is in the stream already: a crash before the commit
+//! makes the same change again on restart (the shim still holds the exit),
+//! under the same id, which JetStream stores once. The publisher then skips
+//! the entry the send ahead delivered, so the stream's order holds.
+//!
 //! Limitation: deduplication lasts the stream's duplicate window (two
 //! minutes). A publisher that crashed between an ack and the delete and
 //! comes back later publishes that entry again; its generation makes
 //! applying it a second time a no-op.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -23,7 +32,7 @@ use heed::byteorder::BigEndian;
 use heed::types::{Bytes as RawBytes, Str, U64};
 use heed::{Database, RwTxn};
 use prost::Message;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use berth_proto::{Envelope, Timestamp};
@@ -100,9 +109,40 @@ pub const STREAM_WAIT: Duration = Duration::from_secs(30);
 pub struct Outbox {
     entries: Database<U64<BigEndian>, RawBytes>,
     meta: Database<Str, RawBytes>,
+    /// The message ids of keyed entries, by sequence.
+    ids: Database<U64<BigEndian>, Str>,
+    id: String,
     source: String,
     node: String,
     wake: Arc<Notify>,
+    ahead: Arc<Ahead>,
+}
+
+/// What the publisher and the sends ahead share.
+#[derive(Default)]
+struct Ahead {
+    /// The stream, once the publisher runs.
+    js: OnceLock<jetstream::Context>,
+    state: Mutex<AheadState>,
+}
+
+#[derive(Default)]
+struct AheadState {
+    /// Every entry up to this sequence is in the stream (0 at start: the
+    /// entries left from before are not known to be).
+    acked_through: u64,
+    /// Entries sent ahead and not yet taken by the publisher, by sequence:
+    /// their message id, and whether the stream acknowledged them (`None`
+    /// while the send is under way).
+    flights: BTreeMap<u64, (String, watch::Receiver<Option<bool>>)>,
+}
+
+/// An entry queued by [`Outbox::push_keyed`], which [`Outbox::send_ahead`]
+/// may publish before its transaction commits.
+pub struct Keyed {
+    seq: u64,
+    msg_id: String,
+    raw: Vec<u8>,
 }
 
 impl Outbox {
@@ -112,19 +152,27 @@ impl Outbox {
         let mut txn = env.write_txn()?;
         let entries = env.create_database(&mut txn, Some("outbox"))?;
         let meta: Database<Str, RawBytes> = env.create_database(&mut txn, Some("outbox_meta"))?;
+        let ids = env.create_database(&mut txn, Some("outbox_ids"))?;
         // The outbox's identity keeps message ids unique if the store is
         // ever recreated while the stream keeps its dedup window.
-        if meta.get(&txn, "id")?.is_none() {
-            let id = uuid::Uuid::new_v4().simple().to_string();
-            meta.put(&mut txn, "id", id.as_bytes())?;
-        }
+        let id = match meta.get(&txn, "id")? {
+            Some(raw) => String::from_utf8_lossy(raw).into_owned(),
+            None => {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                meta.put(&mut txn, "id", id.as_bytes())?;
+                id
+            }
+        };
         txn.commit()?;
         Ok(Outbox {
             entries,
             meta,
+            ids,
+            id,
             source: source.to_string(),
             node: node.to_string(),
             wake: Arc::new(Notify::new()),
+            ahead: Arc::default(),
         })
     }
 
@@ -141,6 +189,85 @@ impl Outbox {
         generation: u64,
         payload: &P,
     ) -> Result<()> {
+        self.queue(txn, namespace, topic, generation, payload)?;
+        Ok(())
+    }
+
+    /// Queues an event like [`Outbox::push`], under a message id made of
+    /// `key`, which must name this change alone and come out the same when
+    /// the change is made again after a crash (the exit of one reservation,
+    /// say): then [`Outbox::send_ahead`] may publish it before the commit.
+    pub fn push_keyed<P: Message>(
+        &self,
+        txn: &mut RwTxn,
+        namespace: &str,
+        topic: &str,
+        generation: u64,
+        payload: &P,
+        key: &str,
+    ) -> Result<Keyed> {
+        let (seq, raw) = self.queue(txn, namespace, topic, generation, payload)?;
+        let msg_id = format!("{}-{key}", self.id);
+        self.ids.put(txn, &seq, &msg_id)?;
+        Ok(Keyed { seq, msg_id, raw })
+    }
+
+    /// Publishes `keyed`, entries of the transaction `txn` in the order they
+    /// were queued, before `txn` commits, when every entry before them is in
+    /// the stream and no other send ahead is under way; else leaves them to
+    /// the publisher. The caller commits next: the publisher, woken after
+    /// the commit, waits for this send and skips what it delivered. Returns
+    /// whether the send was started.
+    ///
+    /// Holding the write transaction is what makes the check hold: no entry
+    /// can be queued before these until it commits.
+    pub fn send_ahead(&self, txn: &RwTxn, keyed: Vec<Keyed>) -> Result<bool> {
+        let Some(first) = keyed.first().map(|k| k.seq) else {
+            return Ok(false);
+        };
+        let Some(js) = self.ahead.js.get().cloned() else {
+            return Ok(false);
+        };
+        let before = match self.entries.rev_range(txn, &(..first))?.next() {
+            Some(item) => Some(item?.0),
+            None => None,
+        };
+        let mut senders = Vec::with_capacity(keyed.len());
+        {
+            let mut state = self.ahead.lock();
+            let published = before.is_none_or(|seq| seq <= state.acked_through);
+            if !published || !state.flights.is_empty() {
+                return Ok(false);
+            }
+            for entry in &keyed {
+                let (tx, rx) = watch::channel(None);
+                state.flights.insert(entry.seq, (entry.msg_id.clone(), rx));
+                senders.push(tx);
+            }
+        }
+        tokio::spawn(async move {
+            // One failure leaves it and everything after it to the
+            // publisher, which sends them in order.
+            let mut delivered = true;
+            for (entry, sender) in keyed.into_iter().zip(senders) {
+                if delivered {
+                    delivered = publish_one(&js, &entry.msg_id, entry.raw).await.is_ok();
+                }
+                let _ = sender.send(Some(delivered));
+            }
+        });
+        Ok(true)
+    }
+
+    /// Queues an event in `txn`; returns its sequence and stored form.
+    fn queue<P: Message>(
+        &self,
+        txn: &mut RwTxn,
+        namespace: &str,
+        topic: &str,
+        generation: u64,
+        payload: &P,
+    ) -> Result<(u64, Vec<u8>)> {
         subject::event(namespace, topic)?;
         let seq = match self.entries.last(txn)? {
             Some((seq, _)) => seq + 1,
@@ -156,9 +283,10 @@ impl Outbox {
             payload: payload.encode_to_vec().into(),
             traceparent: crate::trace::current_traceparent(),
         };
-        self.entries.put(txn, &seq, &envelope.encode_to_vec())?;
+        let raw = envelope.encode_to_vec();
+        self.entries.put(txn, &seq, &raw)?;
         self.meta.put(txn, "next", &(seq + 1).to_be_bytes())?;
-        Ok(())
+        Ok((seq, raw))
     }
 
     /// The notifier that makes the publisher look at the outbox now.
@@ -185,32 +313,36 @@ impl Outbox {
 
     /// Moves the outbox to JetStream until `shutdown` is cancelled: publishes
     /// in order, waits for the acks, then deletes what was acked. Failures
-    /// are retried with a growing pause; nothing is dropped.
-    pub async fn run_publisher(
+    /// are retried with a growing pause; nothing is dropped. Sends ahead
+    /// may start as soon as this returns, before the future is polled.
+    pub fn run_publisher(
         self,
         env: Env,
         js: jetstream::Context,
         shutdown: CancellationToken,
-    ) {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.publish_batch(&env, &js).await {
-                Ok(0) => {
-                    backoff = Duration::from_millis(50);
-                    tokio::select! {
-                        _ = self.wake.notified() => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = shutdown.cancelled() => return,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let _ = self.ahead.js.set(js.clone());
+        async move {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match self.publish_batch(&env, &js).await {
+                    Ok(0) => {
+                        backoff = Duration::from_millis(50);
+                        tokio::select! {
+                            _ = self.wake.notified() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = shutdown.cancelled() => return,
+                        }
                     }
-                }
-                Ok(_) => backoff = Duration::from_millis(50),
-                Err(err) => {
-                    tracing::warn!(source = %self.source, error = %err, "publishing events failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.cancelled() => return,
+                    Ok(_) => backoff = Duration::from_millis(50),
+                    Err(err) => {
+                        tracing::warn!(source = %self.source, error = %err, "publishing events failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.cancelled() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -221,19 +353,18 @@ impl Outbox {
     /// event stored before an earlier one. Removes what was acked, and
     /// returns how many, or the failure after removing what went before it.
     pub async fn publish_batch(&self, env: &Env, js: &jetstream::Context) -> Result<usize> {
-        let (outbox_id, batch) = {
+        let batch = {
             let txn = env.read_txn()?;
-            let outbox_id = self
-                .meta
-                .get(&txn, "id")?
-                .map(|raw| String::from_utf8_lossy(raw).into_owned())
-                .unwrap_or_default();
             let mut batch = Vec::new();
             for item in self.entries.iter(&txn)?.take(256) {
                 let (seq, raw) = item?;
-                batch.push((seq, raw.to_vec()));
+                let msg_id = match self.ids.get(&txn, &seq)? {
+                    Some(id) => id.to_string(),
+                    None => format!("{}-{seq}", self.id),
+                };
+                batch.push((seq, msg_id, raw.to_vec()));
             }
-            (outbox_id, batch)
+            batch
         };
         if batch.is_empty() {
             return Ok(0);
@@ -243,9 +374,17 @@ impl Outbox {
         // message can reach the stream while an earlier one was lost.
         let mut acked = Vec::with_capacity(batch.len());
         let mut failure = None;
-        for (seq, raw) in batch {
-            match publish_one(js, &outbox_id, seq, raw).await {
-                Ok(()) => acked.push(seq),
+        for (seq, msg_id, raw) in batch {
+            let delivered = self.sent_ahead(seq, &msg_id).await;
+            let published = match delivered {
+                true => Ok(()),
+                false => publish_one(js, &msg_id, raw).await,
+            };
+            match published {
+                Ok(()) => {
+                    acked.push(seq);
+                    self.ahead.lock().acked_through = seq;
+                }
                 Err(err) => {
                     failure = Some(err);
                     break;
@@ -257,6 +396,7 @@ impl Outbox {
             let mut txn = env.write_txn()?;
             for seq in &acked {
                 self.entries.delete(&mut txn, seq)?;
+                self.ids.delete(&mut txn, seq)?;
             }
             txn.commit()?;
         }
@@ -265,21 +405,47 @@ impl Outbox {
             None => Ok(acked.len()),
         }
     }
+
+    /// Whether a send ahead delivered entry `seq` (waiting for it while it
+    /// is under way). Sends ahead of entries before it are done with: a
+    /// flight whose transaction never committed left no entry, or one that
+    /// another change reused the sequence of, hence the id's check.
+    async fn sent_ahead(&self, seq: u64, msg_id: &str) -> bool {
+        let flight = {
+            let mut state = self.ahead.lock();
+            let later = state.flights.split_off(&(seq + 1));
+            let mut taken = std::mem::replace(&mut state.flights, later);
+            taken.remove(&seq)
+        };
+        match flight {
+            Some((id, mut outcome)) if id == msg_id => {
+                // A send whose task ended without a word (the runtime shut
+                // down) counts as not delivered: the publisher sends it, and
+                // the stream stores it once.
+                matches!(
+                    outcome.wait_for(Option::is_some).await.as_deref(),
+                    Ok(Some(true))
+                )
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Ahead {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AheadState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Publishes one outbox entry and waits for the stream's ack. The message id
-/// names the outbox and the entry, so a repeat within the stream's
-/// duplicate window is stored once.
-async fn publish_one(
-    js: &jetstream::Context,
-    outbox_id: &str,
-    seq: u64,
-    raw: Vec<u8>,
-) -> Result<()> {
+/// names the outbox and the entry (its sequence, or its key), so a repeat
+/// within the stream's duplicate window is stored once.
+async fn publish_one(js: &jetstream::Context, msg_id: &str, raw: Vec<u8>) -> Result<()> {
     let envelope = Envelope::decode(raw.as_slice())?;
     let subject = subject::event(&envelope.namespace, &envelope.topic)?;
     let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", format!("{outbox_id}-{seq}").as_str());
+    headers.insert("Nats-Msg-Id", msg_id);
     if !envelope.traceparent.is_empty() {
         headers.insert("traceparent", envelope.traceparent.as_str());
     }

@@ -1,6 +1,7 @@
 //! Events through the outbox and the JetStream stream: nothing written while
 //! the publisher or the consumer is down is lost, everything arrives in
-//! order and is applied once, a republished entry is stored once, and a
+//! order and is applied once, a republished entry is stored once, an entry
+//! sent ahead of its commit keeps its place and is stored once, and a
 //! recreated stream or a gap past retention is reported, never skipped.
 
 use std::future::Future;
@@ -64,6 +65,26 @@ impl Producer {
             txn.commit()?;
         }
         Ok(())
+    }
+
+    /// Begins change `number` with its event keyed by the change, sends
+    /// the event ahead, and returns the open transaction and whether the
+    /// send was started.
+    fn change_ahead(&self, number: u64) -> anyhow::Result<(heed::RwTxn<'_>, bool)> {
+        let mut txn = self.env.write_txn()?;
+        self.changes.put(&mut txn, &number, b"done")?;
+        let payload = Changed { number };
+        let key = format!("change-{number}");
+        let keyed = self.outbox.push_keyed(
+            &mut txn,
+            "default",
+            "containers.update",
+            number,
+            &payload,
+            &key,
+        )?;
+        let sent = self.outbox.send_ahead(&txn, vec![keyed])?;
+        Ok((txn, sent))
     }
 
     /// Runs the publisher until the returned token is cancelled.
@@ -292,6 +313,109 @@ async fn a_republished_entry_is_stored_once() -> anyhow::Result<()> {
     assert_eq!(producer.outbox.pending(&producer.env)?, 0);
     assert_eq!(stream_messages(&js).await?, 3);
     Ok(())
+}
+
+/// A keyed entry goes out before its transaction commits when everything
+/// before it is in the stream, and only then; made again after a crash
+/// before the commit, it is stored once; and the stream keeps the order
+/// the changes were made in.
+#[tokio::test]
+async fn an_entry_sent_ahead_keeps_its_place_and_is_stored_once() -> anyhow::Result<()> {
+    let server = NatsServer::start()?;
+    let js = connect(&server).await?;
+    ensure_stream(&js).await?;
+    let mut producer = Producer::open()?;
+    let applier = Applier::open()?;
+    let nats = berth_bus::connect(&server.url(), "events-test-watch").await?;
+    let mut watch = nats.subscribe(events_filter()).await?;
+    nats.flush().await?;
+
+    // Before the publisher runs there is no stream to send to.
+    let (txn, sent) = producer.change_ahead(1)?;
+    assert!(!sent, "no publisher yet");
+    txn.commit()?;
+
+    let (shutdown, task) = producer.publisher(&js);
+    wait_drained(&producer).await?;
+    let mut seen = Vec::new();
+    seen_until(&mut watch, &mut seen, 1).await?;
+
+    // Everything before it is in the stream: the event is out while its
+    // transaction is still open.
+    let (txn, sent) = producer.change_ahead(2)?;
+    assert!(sent);
+    seen_until(&mut watch, &mut seen, 2).await?;
+    txn.commit()?;
+    producer.outbox.wake().notify_one();
+    producer.change(3..=4)?;
+    producer.outbox.wake().notify_one();
+    wait_drained(&producer).await?;
+
+    // Sent ahead, then the service dies before the commit: the change is
+    // made again after the restart, under the same key.
+    let (txn, sent) = producer.change_ahead(5)?;
+    assert!(sent);
+    seen_until(&mut watch, &mut seen, 5).await?;
+    txn.abort();
+    shutdown.cancel();
+    task.await?;
+    producer.outbox = Outbox::open(&producer.env, "metadata", "")?;
+    let (shutdown, task) = producer.publisher(&js);
+    wait_drained(&producer).await?;
+    let (txn, sent) = producer.change_ahead(5)?;
+    assert!(sent, "nothing waits before it");
+    txn.commit()?;
+    producer.outbox.wake().notify_one();
+    wait_drained(&producer).await?;
+
+    // With entries still waiting (the publisher is down), nothing goes
+    // ahead of them.
+    shutdown.cancel();
+    task.await?;
+    producer.change(6..=6)?;
+    let (txn, sent) = producer.change_ahead(7)?;
+    assert!(!sent, "an earlier entry is not in the stream yet");
+    txn.commit()?;
+    let (shutdown, task) = producer.publisher(&js);
+    wait_drained(&producer).await?;
+    shutdown.cancel();
+    task.await?;
+
+    let repeats = applier.consume_until(&js, 7).await?;
+    assert_eq!(repeats, 0);
+    assert_eq!(applier.applied()?, (1..=7).collect::<Vec<_>>());
+    assert_eq!(stream_messages(&js).await?, 7, "each change stored once");
+    // What a plain subscriber saw: each change once (the publisher skips
+    // what went ahead), but the one made again after the crash, which
+    // JetStream stored once.
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(300), watch.next()).await
+    {
+        let envelope: berth_proto::Envelope = prost::Message::decode(message.payload)?;
+        seen.push(envelope.generation);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, vec![1, 2, 3, 4, 5, 5, 6, 7]);
+    Ok(())
+}
+
+/// Reads the plain subscription into `seen` (the generations) until
+/// `generation` arrives.
+async fn seen_until(
+    watch: &mut async_nats::Subscriber,
+    seen: &mut Vec<u64>,
+    generation: u64,
+) -> anyhow::Result<()> {
+    loop {
+        let message = within(Duration::from_secs(5), watch.next())
+            .await?
+            .context("subscription ended")?;
+        let envelope: berth_proto::Envelope = prost::Message::decode(message.payload)?;
+        seen.push(envelope.generation);
+        if envelope.generation == generation {
+            return Ok(());
+        }
+    }
 }
 
 /// A stream deleted and created again is reported as `StreamRecreated`,
