@@ -135,8 +135,12 @@ async fn runc_says_running(svc: &TaskService, namespace: &str, container_id: &st
 
 /// Records the exit and queues `tasks.exit`, unless the task was deleted or
 /// replaced meanwhile or its exit is recorded already.
+///
+/// The transaction runs on a blocking thread: its commit syncs, and on a
+/// runtime worker it would hold back the send of the event ahead of it,
+/// which was spawned on that worker.
 pub(crate) async fn record_exit(
-    svc: &TaskService,
+    svc: &Arc<TaskService>,
     namespace: &str,
     container_id: &str,
     generation: u64,
@@ -144,46 +148,15 @@ pub(crate) async fn record_exit(
 ) {
     let lock = svc.lock(namespace, container_id);
     let _held = lock.lock().await;
-    let outcome = (|| -> berth_bus::Result<bool> {
-        let mut txn = svc.store.env.write_txn()?;
-        let Some(mut record) = svc.store.get(&txn, namespace, container_id)? else {
-            return Ok(false);
-        };
-        if record.generation != generation || record.exit.is_some() {
-            return Ok(false);
-        }
-        // The cgroup outlives the process until runc deletes it, so its
-        // OOM count still tells whether the kernel killed the task.
-        let suffix = crate::spec::cgroups_path(namespace, container_id);
-        let oom_killed =
-            !record.cgroups.is_empty() && crate::cgroup::oom_kills(&record.cgroups, &suffix) > 0;
-        record.status = Status::Stopped;
-        record.exit = Some(exit);
-        record.oom_killed = oom_killed;
-        svc.store.put(&mut txn, namespace, container_id, &record)?;
-        let event = TaskEvent {
-            container_id: container_id.to_string(),
-            pid: record.pid,
-            exit_status: exit.status,
-            exited_at: Some(Timestamp {
-                unix_nanos: exit.exited_at,
-            }),
-            oom_killed,
-            boot_id: record.boot_id.clone(),
-            pid_start_time: record.pid_start_time,
-            exec_id: String::new(),
-        };
-        if oom_killed {
-            svc.store
-                .outbox
-                .push(&mut txn, namespace, "tasks.oom", generation, &event)?;
-        }
-        svc.store
-            .outbox
-            .push(&mut txn, namespace, "tasks.exit", generation, &event)?;
-        txn.commit()?;
-        Ok(true)
-    })();
+    let outcome = {
+        let (svc, namespace, container_id) =
+            (svc.clone(), namespace.to_string(), container_id.to_string());
+        tokio::task::spawn_blocking(move || {
+            commit_exit(&svc, &namespace, &container_id, generation, exit)
+        })
+        .await
+        .unwrap_or_else(|err| Err(berth_bus::Error::internal(err.to_string())))
+    };
     match outcome {
         Ok(true) => {
             svc.store.outbox.wake().notify_one();
@@ -199,6 +172,60 @@ pub(crate) async fn record_exit(
             tracing::error!(namespace, container_id, error = %err, "task exit not recorded")
         }
     }
+}
+
+/// The transaction of [`record_exit`]: whether it recorded the exit.
+fn commit_exit(
+    svc: &TaskService,
+    namespace: &str,
+    container_id: &str,
+    generation: u64,
+    exit: Exit,
+) -> berth_bus::Result<bool> {
+    let mut txn = svc.store.env.write_txn()?;
+    let Some(mut record) = svc.store.get(&txn, namespace, container_id)? else {
+        return Ok(false);
+    };
+    if record.generation != generation || record.exit.is_some() {
+        return Ok(false);
+    }
+    // The cgroup outlives the process until runc deletes it, so its
+    // OOM count still tells whether the kernel killed the task.
+    let suffix = crate::spec::cgroups_path(namespace, container_id);
+    let oom_killed =
+        !record.cgroups.is_empty() && crate::cgroup::oom_kills(&record.cgroups, &suffix) > 0;
+    record.status = Status::Stopped;
+    record.exit = Some(exit);
+    record.oom_killed = oom_killed;
+    svc.store.put(&mut txn, namespace, container_id, &record)?;
+    let event = TaskEvent {
+        container_id: container_id.to_string(),
+        pid: record.pid,
+        exit_status: exit.status,
+        exited_at: Some(Timestamp {
+            unix_nanos: exit.exited_at,
+        }),
+        oom_killed,
+        boot_id: record.boot_id.clone(),
+        pid_start_time: record.pid_start_time,
+        exec_id: String::new(),
+    };
+    // The exit goes out ahead of this commit, whose sync is most of
+    // the time from the reap to the event: a crash before the commit
+    // leaves the exit with the shim, and recording it again on restart
+    // makes the same message ids, which the stream stores once.
+    let outbox = &svc.store.outbox;
+    let mut keyed = Vec::with_capacity(2);
+    for topic in ["tasks.oom", "tasks.exit"] {
+        if topic == "tasks.oom" && !oom_killed {
+            continue;
+        }
+        let key = format!("{topic}-{namespace}-{container_id}-{generation}");
+        keyed.push(outbox.push_keyed(&mut txn, namespace, topic, generation, &event, &key)?);
+    }
+    outbox.send_ahead(&txn, keyed)?;
+    txn.commit()?;
+    Ok(true)
 }
 
 /// Records that nothing is known of a task whose shim died while its

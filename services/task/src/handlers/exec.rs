@@ -202,9 +202,17 @@ async fn record_exec_exit(
         event.exited_at = Some(Timestamp {
             unix_nanos: exit.exited_at,
         });
-        svc.store
-            .outbox
-            .push(&mut txn, namespace, "tasks.exec-exited", generation, &event)?;
+        // Ahead of the commit, as the init's exit goes (see
+        // `monitor::record_exit`); the time of the exit, which the shim
+        // keeps, tells apart two execs that reused an id.
+        let topic = "tasks.exec-exited";
+        let key = format!(
+            "{topic}-{namespace}-{container_id}-{generation}-{exec_id}-{}",
+            exit.exited_at
+        );
+        let outbox = &svc.store.outbox;
+        let keyed = outbox.push_keyed(&mut txn, namespace, topic, generation, &event, &key)?;
+        outbox.send_ahead(&txn, vec![keyed])?;
         txn.commit()?;
         Ok(true)
     })();
