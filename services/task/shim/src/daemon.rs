@@ -177,7 +177,8 @@ impl Shim {
         }
     }
 
-    /// Makes the init's exit durable in `exit.json`, then tells waiters.
+    /// Keeps the init's exit in `exit.json`, which outlives the shim, then
+    /// tells waiters.
     /// A terminal's last output is copied first (for at most a second), so
     /// a client that reads the output after the exit misses nothing.
     fn record_exit(&self, record: ExitRecord) {
@@ -199,7 +200,7 @@ impl Shim {
         self.changed.notify_all();
     }
 
-    /// Makes an exec process's exit durable in its `exit.json`, then tells
+    /// Keeps an exec process's exit in its `exit.json`, then tells
     /// waiters.
     fn record_exec_exit(&self, exec_id: &str, record: ExitRecord) {
         let drained = self

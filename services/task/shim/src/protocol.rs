@@ -311,18 +311,21 @@ pub fn read_exit_file(state_dir: &Path) -> io::Result<Option<ExitRecord>> {
 }
 
 /// Writes `contents` to `path` so that a reader sees the old file or the whole
-/// new one, and the new one survives a crash: temp file, fsync, rename,
-/// fsync of the directory.
+/// new one: a temporary file, then a rename.
+///
+/// Nothing is synced: the state directory is void after a reboot (it is on
+/// tmpfs under `/run`, and the tasks of a previous boot are recorded as
+/// exited by boot id), so its files need to outlive a crash of the shim or
+/// of the task service only, and the kernel's page cache keeps them
+/// through both. A sync here cost most of a millisecond between an exit
+/// and its event where the directory is on a disk.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = PathBuf::from(path);
     tmp.as_mut_os_string().push(".tmp");
     let mut file = fs::File::create(&tmp)?;
     file.write_all(contents)?;
-    file.sync_all()?;
     drop(file);
-    fs::rename(&tmp, path)?;
-    fs::File::open(dir)?.sync_all()
+    fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
