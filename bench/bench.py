@@ -732,11 +732,17 @@ def write_report(res, path, args, started):
         f"filesystem; {args.rounds} rounds, {args.runs} runs of `run --rm`, {args.many} "
         f"containers at once."
     )
+    if args.only != ",".join(FIGURES):
+        info += f" Only the figures of: {args.only}."
     with open(path, "w") as f:
         f.write(info + "\n\n" + table + "\n")
     print(info)
     print()
     print(table)
+
+
+# The groups of figures, in the order they are measured.
+FIGURES = ["idle", "run", "many", "import", "events", "restart"]
 
 
 def main():
@@ -750,7 +756,13 @@ def main():
     parser.add_argument("--many", type=int, default=50)
     parser.add_argument("--out", required=True, help="where the table is written")
     parser.add_argument("--port", type=int, default=14555)
+    parser.add_argument("--only", default=",".join(FIGURES),
+                        help="the groups of figures to measure, comma-separated, of: "
+                        + ", ".join(FIGURES) + " (default: all)")
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if not only <= set(FIGURES):
+        parser.error(f"--only: unknown groups {sorted(only - set(FIGURES))}")
     started = datetime.datetime.now(datetime.timezone.utc)
 
     state = "/run/berth-bench"
@@ -777,13 +789,20 @@ def main():
                 run(["tar", "-xzf", path, "-C", rootfs])
         runc = Runc(os.path.join(work, "bundles"), rootfs)
 
-        bench_idle(res, berth, containerd, "after start")
-        bench_run(res, systems, runc, args.runs)
-        bench_many(res, systems, runc, args.many, args.rounds)
-        bench_import(res, systems, args.big, work, args.rounds)
-        bench_events(res, systems, args.runs)
-        bench_restart(res, systems, args.rounds)
-        bench_idle(res, berth, containerd, "after the run")
+        if "idle" in only:
+            bench_idle(res, berth, containerd, "after start")
+        if "run" in only:
+            bench_run(res, systems, runc, args.runs)
+        if "many" in only:
+            bench_many(res, systems, runc, args.many, args.rounds)
+        if "import" in only:
+            bench_import(res, systems, args.big, work, args.rounds)
+        if "events" in only:
+            bench_events(res, systems, args.runs)
+        if "restart" in only:
+            bench_restart(res, systems, args.rounds)
+        if "idle" in only:
+            bench_idle(res, berth, containerd, "after the run")
     finally:
         for system in systems:
             try:
