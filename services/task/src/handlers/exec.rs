@@ -156,66 +156,73 @@ pub(crate) fn watch_exec(
             exit = shim.wait_exec(&exec_id) => exit,
             _ = shutdown.cancelled() => return,
         };
-        let exit = match exit {
-            Ok(exit) => Exit {
-                status: exit.status.max(0) as u32,
-                exited_at: exit.exited_at as i64,
-            },
+        let (exit, seen) = match exit {
+            Ok(exit) => {
+                let exit = Exit {
+                    status: exit.status.max(0) as u32,
+                    exited_at: exit.exited_at as i64,
+                };
+                (exit, true)
+            }
             // The shim is gone or forgot the exec: nothing saw it end.
-            Err(_) => Exit {
-                status: crate::monitor::UNKNOWN_EXIT,
-                exited_at: Timestamp::now().unix_nanos,
-            },
+            Err(_) => {
+                let exit = Exit {
+                    status: crate::monitor::UNKNOWN_EXIT,
+                    exited_at: Timestamp::now().unix_nanos,
+                };
+                (exit, false)
+            }
         };
-        record_exec_exit(&svc, &namespace, &container_id, generation, &exec_id, exit).await;
+        record_exec_exit(
+            &svc,
+            &namespace,
+            &container_id,
+            generation,
+            &exec_id,
+            exit,
+            seen,
+        )
+        .await;
     });
 }
 
+/// Records an exec's exit and queues `tasks.exec-exited`, unless the task
+/// was replaced meanwhile or the exit is recorded already. The
+/// transaction runs on a blocking thread, as the init's exit does (see
+/// `monitor::record_exit`). `seen` says whether the shim saw the exit
+/// (else its time is made here, and a redo would not make the same event).
 async fn record_exec_exit(
-    svc: &TaskService,
+    svc: &Arc<TaskService>,
     namespace: &str,
     container_id: &str,
     generation: u64,
     exec_id: &str,
     exit: Exit,
+    seen: bool,
 ) {
     let lock = svc.lock(namespace, container_id);
     let _held = lock.lock().await;
-    let outcome = (|| -> berth_bus::Result<bool> {
-        let mut txn = svc.store.env.write_txn()?;
-        let Some(mut record) = svc.store.get(&txn, namespace, container_id)? else {
-            return Ok(false);
-        };
-        if record.generation != generation {
-            return Ok(false);
-        }
-        let Some(entry) = record.execs.get_mut(exec_id).filter(|e| e.exit.is_none()) else {
-            return Ok(false);
-        };
-        entry.exit = Some(exit);
-        let pid = entry.pid;
-        svc.store.put(&mut txn, namespace, container_id, &record)?;
-        let mut event = task_event(container_id, &record);
-        event.pid = pid;
-        event.exec_id = exec_id.to_string();
-        event.exit_status = exit.status;
-        event.exited_at = Some(Timestamp {
-            unix_nanos: exit.exited_at,
-        });
-        // Ahead of the commit, as the init's exit goes (see
-        // `monitor::record_exit`); the time of the exit, which the shim
-        // keeps, tells apart two execs that reused an id.
-        let topic = "tasks.exec-exited";
-        let key = format!(
-            "{topic}-{namespace}-{container_id}-{generation}-{exec_id}-{}",
-            exit.exited_at
+    let outcome = {
+        let svc = svc.clone();
+        let (namespace, container_id, exec_id) = (
+            namespace.to_string(),
+            container_id.to_string(),
+            exec_id.to_string(),
         );
-        let outbox = &svc.store.outbox;
-        let keyed = outbox.push_keyed(&mut txn, namespace, topic, generation, &event, &key)?;
-        outbox.send_ahead(&txn, vec![keyed])?;
-        txn.commit()?;
-        Ok(true)
-    })();
+        tokio::task::spawn_blocking(move || {
+            commit_exec_exit(
+                &svc,
+                &namespace,
+                &container_id,
+                generation,
+                &exec_id,
+                exit,
+                seen,
+            )
+        })
+        .await
+        .unwrap_or_else(|err| Err(berth_bus::Error::internal(err.to_string())))
+    };
     match outcome {
         Ok(true) => {
             svc.store.outbox.wake().notify_one();
@@ -232,6 +239,53 @@ async fn record_exec_exit(
             tracing::error!(namespace, container_id, exec_id, error = %err, "exec exit not recorded")
         }
     }
+}
+
+/// The transaction of [`record_exec_exit`]: whether it recorded the exit.
+fn commit_exec_exit(
+    svc: &TaskService,
+    namespace: &str,
+    container_id: &str,
+    generation: u64,
+    exec_id: &str,
+    exit: Exit,
+    seen: bool,
+) -> berth_bus::Result<bool> {
+    let mut txn = svc.store.env.write_txn()?;
+    let Some(mut record) = svc.store.get(&txn, namespace, container_id)? else {
+        return Ok(false);
+    };
+    if record.generation != generation {
+        return Ok(false);
+    }
+    let Some(entry) = record.execs.get_mut(exec_id).filter(|e| e.exit.is_none()) else {
+        return Ok(false);
+    };
+    entry.exit = Some(exit);
+    let pid = entry.pid;
+    svc.store.put(&mut txn, namespace, container_id, &record)?;
+    let mut event = task_event(container_id, &record);
+    event.pid = pid;
+    event.exec_id = exec_id.to_string();
+    event.exit_status = exit.status;
+    event.exited_at = Some(Timestamp {
+        unix_nanos: exit.exited_at,
+    });
+    // Ahead of the commit, as the init's exit goes (see
+    // `monitor::commit_exit`), when the shim saw it: the time of the exit,
+    // which the shim keeps, tells apart two execs that reused an id.
+    let topic = "tasks.exec-exited";
+    let key = format!(
+        "{topic}-{namespace}-{container_id}-{generation}-{exec_id}-{}",
+        exit.exited_at
+    );
+    let outbox = &svc.store.outbox;
+    let keyed = outbox.push_keyed(&mut txn, namespace, topic, generation, &event, &key)?;
+    if seen {
+        outbox.send_ahead(&txn, vec![keyed])?;
+    }
+    txn.commit()?;
+    Ok(true)
 }
 
 /// `delete` with an exec id: forgets an exited exec and its output.
