@@ -134,9 +134,11 @@ async fn ready_task(ctx: &Ctx, container: &mpb::Container) -> anyhow::Result<boo
         Some("created") => return Ok(true),
         Some("running") | Some("paused") => return Ok(false),
         Some(_) => {
+            // Its output stays, and the new task's is appended to it.
             task.delete(&tpb::DeleteRequest {
                 container_id: container_id.clone(),
                 exec_id: String::new(),
+                keep_output: true,
             })
             .await?;
         }
@@ -152,10 +154,9 @@ async fn ready_task(ctx: &Ctx, container: &mpb::Container) -> anyhow::Result<boo
 }
 
 /// Starts containers; with `-a`, follows the one container like `run`.
-///
-/// # Limitations
-/// Starting a stopped container replaces its task, and the old task's
-/// output goes with it: `logs` then shows only the new run's.
+/// Starting a stopped container replaces its task; the output of the runs
+/// before stays, and `logs` shows it ahead of the new run's, while `-a`
+/// copies only the new run's.
 pub async fn start(ctx: &Ctx, args: StartArgs) -> anyhow::Result<ExitCode> {
     if args.attach && args.containers.len() > 1 {
         anyhow::bail!("start -a takes one container");
@@ -178,7 +179,10 @@ pub async fn start(ctx: &Ctx, args: StartArgs) -> anyhow::Result<ExitCode> {
 
     let container = get(ctx, &args.containers[0]).await?;
     let exits = follow::exit_events(ctx, false).await?;
-    if ready_task(ctx, &container).await? {
+    let proc = init_of(ctx, &container);
+    let ready = ready_task(ctx, &container).await?;
+    let from = proc.output_ends().await?;
+    if ready {
         task_of(ctx, &container)
             .start(&tpb::StartRequest {
                 container_id: container.container_id.clone(),
@@ -194,8 +198,7 @@ pub async fn start(ctx: &Ctx, args: StartArgs) -> anyhow::Result<ExitCode> {
             container.container_id
         );
     }
-    let proc = init_of(ctx, &container);
-    match run::follow_init(&proc, options.tty, input, exits).await? {
+    match run::follow_init(&proc, options.tty, input, exits, from).await? {
         Followed::Exited(exited) => Ok(ExitCode::from(exited.status.min(255) as u8)),
         Followed::Detached => Ok(ExitCode::from(130)),
     }
@@ -393,6 +396,7 @@ pub async fn cleanup(ctx: &Ctx, container_id: &str) -> anyhow::Result<()> {
         .delete(&tpb::DeleteRequest {
             container_id: container_id.to_string(),
             exec_id: String::new(),
+            keep_output: false,
         })
         .await;
     match deleted {

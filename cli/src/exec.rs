@@ -85,7 +85,8 @@ pub async fn exec(ctx: &Ctx, args: ExecArgs) -> anyhow::Result<ExitCode> {
     if args.tty {
         crate::attach::set_size(&task, &container.container_id, &exec_id).await?;
     }
-    let followed = crate::run::follow_init(&proc, args.tty, args.interactive, exits).await?;
+    let followed =
+        crate::run::follow_init(&proc, args.tty, args.interactive, exits, [0, 0]).await?;
     let Followed::Exited(exited) = followed else {
         eprintln!("berth: detached from exec {exec_id}, which keeps running");
         return Ok(ExitCode::from(130));
@@ -93,6 +94,7 @@ pub async fn exec(ctx: &Ctx, args: ExecArgs) -> anyhow::Result<ExitCode> {
     task.delete(&tpb::DeleteRequest {
         container_id: container.container_id.clone(),
         exec_id,
+        ..Default::default()
     })
     .await?;
     Ok(ExitCode::from(exited.status.min(255) as u8))

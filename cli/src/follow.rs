@@ -112,6 +112,30 @@ impl Proc {
         Ok(out)
     }
 
+    /// Where stdout and stderr end now: what a follower that wants only
+    /// new output starts from (a restarted container's earlier output
+    /// stays before it).
+    pub async fn output_ends(&self) -> anyhow::Result<[i64; 2]> {
+        let mut ends = [0i64; 2];
+        for (index, stream) in [tpb::Stream::Stdout, tpb::Stream::Stderr]
+            .into_iter()
+            .enumerate()
+        {
+            let reply = self
+                .task
+                .logs(&tpb::LogsRequest {
+                    container_id: self.container_id.clone(),
+                    stream: stream as i32,
+                    offset: i64::MAX,
+                    length: 1,
+                    exec_id: self.exec_id.clone(),
+                })
+                .await?;
+            ends[index] = reply.size;
+        }
+        Ok(ends)
+    }
+
     /// Waits for the process's exit: the event, or the state when it had
     /// exited before the subscription.
     pub async fn wait(&self, exits: &mut async_nats::Subscriber) -> anyhow::Result<Exited> {
@@ -143,15 +167,17 @@ impl Proc {
     }
 
     /// Copies the output until the process exits and every byte it wrote
-    /// is out; signals berth receives meanwhile go to the process when
-    /// `signals` is given. Three SIGINTs in a row stop following and leave
-    /// the process running: [`Followed::Detached`].
+    /// is out, from the offsets `from` of stdout and stderr on; signals
+    /// berth receives meanwhile go to the process when `signals` is given.
+    /// Three SIGINTs in a row stop following and leave the process running:
+    /// [`Followed::Detached`].
     pub async fn follow(
         &self,
         mut exits: async_nats::Subscriber,
         mut signals: Option<&mut Forwarder>,
+        from: [i64; 2],
     ) -> anyhow::Result<Followed> {
-        let mut offsets = [0i64; 2];
+        let mut offsets = from;
         let waiter = self.wait(&mut exits);
         tokio::pin!(waiter);
         let mut exited = None;

@@ -288,14 +288,15 @@ pub async fn create(ctx: &Ctx, args: CreateArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Follows a started process to its exit as `run`, `start -a` and `exec`
-/// do: its output copied, berth's signals passed on, and with `input`
-/// berth's stdin passed too; with `tty` the local terminal is raw and its
-/// size followed.
+/// do: its output copied from the offsets `from` on, berth's signals
+/// passed on, and with `input` berth's stdin passed too; with `tty` the
+/// local terminal is raw and its size followed.
 pub async fn follow_init(
     proc: &Proc,
     tty: bool,
     input: bool,
     exits: async_nats::Subscriber,
+    from: [i64; 2],
 ) -> anyhow::Result<Followed> {
     // From here on, signals go to the container instead of ending berth.
     let mut signals = Forwarder::install()?;
@@ -309,7 +310,7 @@ pub async fn follow_init(
         input.then(|| attach::pump_stdin(task.clone(), container_id.clone(), exec_id.clone()));
     let sizer = (tty && std::io::stdout().is_terminal())
         .then(|| attach::follow_size(task.clone(), container_id.clone(), exec_id.clone()));
-    let followed = proc.follow(exits, Some(&mut signals)).await;
+    let followed = proc.follow(exits, Some(&mut signals), from).await;
     for helper in pump.iter().chain(&sizer) {
         helper.abort();
     }
@@ -366,7 +367,7 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<ExitCode> {
         exec_id: String::new(),
     };
     let (tty, input) = (args.create.tty, args.create.interactive);
-    let exited = match follow_init(&proc, tty, input, exits).await? {
+    let exited = match follow_init(&proc, tty, input, exits, [0, 0]).await? {
         Followed::Exited(exited) => exited,
         Followed::Detached => {
             eprintln!("berth: detached from {container_id}, which keeps running");

@@ -623,6 +623,11 @@ fn containers_live_and_die_as_docker_says() -> Result<()> {
     ensure!(status(&node, "later")? == "created");
     let output = node.berth_code(&["start", "-a", "later"], 6)?;
     ensure!(stdout(&output) == "ran\n");
+    // Started again, it keeps its output: start -a copies the new run's
+    // alone, logs has both.
+    let output = node.berth_code(&["start", "-a", "later"], 6)?;
+    ensure!(stdout(&output) == "ran\n", "{}", stdout(&output));
+    ensure!(node.berth_ok(&["logs", "later"])? == "ran\nran\n");
     // logs -f on a running container follows it to its end.
     node.berth_ok(&[
         "run",
@@ -636,6 +641,13 @@ fn containers_live_and_die_as_docker_says() -> Result<()> {
     ])?;
     ensure!(node.berth_ok(&["logs", "-f", "counter"])? == "1\n2\n3\n");
     node.berth_ok(&["rm", "later", "counter"])?;
+    // rm takes the output along: a new container of the same name starts
+    // with none.
+    node.berth_ok(&["create", "--name", "later", "busybox", "echo", "new"])?;
+    ensure!(node.berth_ok(&["logs", "later"])?.is_empty());
+    node.berth_ok(&["start", "-a", "later"])?;
+    ensure!(node.berth_ok(&["logs", "later"])? == "new\n");
+    node.berth_ok(&["rm", "later"])?;
 
     // A container that does not exist, whatever the command.
     for args in [

@@ -132,6 +132,7 @@ async fn apply(
         pb::DeleteRequest {
             container_id: container_id.to_string(),
             exec_id: String::new(),
+            keep_output: false,
         },
     )
     .await?;

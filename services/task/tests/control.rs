@@ -166,6 +166,7 @@ async fn pause_resume_exec_ps_and_metrics() -> Result<()> {
         .delete(&tpb::DeleteRequest {
             container_id: "c".into(),
             exec_id: "e1".into(),
+            ..Default::default()
         })
         .await?;
     assert_eq!(deleted.exit_status, 3);

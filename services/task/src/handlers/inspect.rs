@@ -104,7 +104,8 @@ pub(crate) async fn list(
 
 /// `logs`: a range of the task's (or an exec's) stdout or stderr, kept apart
 /// in the shim's state directory. `eof` once the process has exited and the
-/// range reaches the end of the stream.
+/// range reaches the end of the stream. A task that replaced a stopped one
+/// of the same container appends to the output its delete kept.
 pub(crate) async fn logs(
     svc: Arc<TaskService>,
     call: Call,
@@ -144,6 +145,7 @@ pub(crate) async fn logs(
     Ok(pb::LogsReply {
         data: data.into(),
         eof,
+        size: size as i64,
     })
 }
 

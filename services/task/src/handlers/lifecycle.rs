@@ -171,7 +171,9 @@ async fn make_task(
     spec::prepare_rootfs(&bundle, &rootfs, &mut oci).map_err(spec_err)?;
     spec::write_config(&bundle, &oci).map_err(spec_err)?;
 
-    // The shim runs `runc create` and reports once it is done.
+    // The shim runs `runc create` and reports once it is done. An earlier
+    // task's output may be there, kept by its delete for this one to
+    // append to.
     let state = svc.paths.shim_state(namespace, container_id);
     let socket = svc.paths.socket(namespace, container_id);
     let shim = spawn_shim_at(
@@ -413,13 +415,14 @@ pub(crate) async fn delete(
         let reply = super::exec::delete_exec(&svc, &call, &req.container_id, &req.exec_id).await?;
         return Ok(reply);
     }
-    Ok(delete_task(&svc, &call, &req.container_id).await?)
+    Ok(delete_task(&svc, &call, &req.container_id, req.keep_output).await?)
 }
 
 async fn delete_task(
     svc: &TaskService,
     call: &Call,
     container_id: &str,
+    keep_output: bool,
 ) -> Result<pb::DeleteReply> {
     call.record("container_id", container_id);
     let namespace = call.namespace();
@@ -483,11 +486,43 @@ async fn delete_task(
 
     let _ = std::fs::remove_file(&record.socket);
     let state = svc.paths.shim_state(namespace, container_id);
-    if let Err(err) = remove_tree(&state) {
+    if let Err(err) = clear_shim_state(&state, keep_output) {
         tracing::warn!(path = %state.display(), error = %err, "shim state not removed");
     }
-    tracing::info!(namespace, container_id, "task deleted");
+    tracing::info!(namespace, container_id, keep_output, "task deleted");
     Ok(reply)
+}
+
+/// Removes a shim's state directory, or with `keep_output` everything in it
+/// but the init's stdout and stderr. A missing directory is fine.
+///
+/// # Limitations
+/// A crash of the service between a delete's commit and this leaves the
+/// directory, as it was before output was kept; a later task of a
+/// container with the same id then appends to that output.
+fn clear_shim_state(state: &std::path::Path, keep_output: bool) -> std::io::Result<()> {
+    use crate::shim::protocol::{STDERR_FILE, STDOUT_FILE};
+    if !keep_output {
+        return remove_tree(state);
+    }
+    let entries = match std::fs::read_dir(state) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == STDOUT_FILE || name == STDERR_FILE {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            remove_tree(&entry.path())?;
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// `runc delete --force` without the shim, for a shim that died.
