@@ -7,7 +7,11 @@
 //! with a `Nats-Msg-Id` that JetStream deduplicates, so an entry published
 //! twice (a crash after the ack, before the delete) is stored once. Entries
 //! go out one at a time, each after the ack of the one before, so the
-//! stream holds them in the order they were written.
+//! stream holds them in the order they were written. The acknowledged ones
+//! are deleted by the next change's transaction, or by the publisher after
+//! a second of quiet: a delete commit of the publisher's own would be one
+//! more sync per event, contending with the changes for the store's one
+//! writer.
 //!
 //! An event whose message id the caller derives from the change itself
 //! ([`Outbox::push_keyed`]: an exit, keyed by the reservation it ends) may
@@ -18,9 +22,10 @@
 //! the entry the send ahead delivered, so the stream's order holds.
 //!
 //! Limitation: deduplication lasts the stream's duplicate window (two
-//! minutes). A publisher that crashed between an ack and the delete and
-//! comes back later publishes that entry again; its generation makes
-//! applying it a second time a no-op.
+//! minutes). A service that crashed between an ack and the delete (at most
+//! the events acked since its last change, or in its last second) and
+//! comes back later publishes those entries again; their generation makes
+//! applying them a second time a no-op.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -286,6 +291,7 @@ impl Outbox {
         let raw = envelope.encode_to_vec();
         self.entries.put(txn, &seq, &raw)?;
         self.meta.put(txn, "next", &(seq + 1).to_be_bytes())?;
+        self.sweep(txn)?;
         Ok((seq, raw))
     }
 
@@ -297,7 +303,46 @@ impl Outbox {
     /// How many events wait to be published.
     pub fn pending(&self, env: &Env) -> Result<u64> {
         let txn = env.read_txn()?;
-        Ok(self.entries.len(&txn)?)
+        let acked = self.ahead.lock().acked_through;
+        let pending = self.entries.range(&txn, &(acked + 1..))?.count();
+        Ok(pending as u64)
+    }
+
+    /// Removes, in `txn`, the entries the stream has acknowledged. A
+    /// change's own transaction does it as it queues its events, so the
+    /// publisher needs no commit (and no sync) of its own for them.
+    fn sweep(&self, txn: &mut RwTxn) -> Result<()> {
+        let acked = self.ahead.lock().acked_through;
+        let Some((first, _)) = self.entries.first(txn)? else {
+            return Ok(());
+        };
+        if first <= acked {
+            self.entries.delete_range(txn, &(..=acked))?;
+            self.ids.delete_range(txn, &(..=acked))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the acknowledged entries in a commit of its own: when the
+    /// publisher is idle or stops, so an outbox left alone ends empty.
+    fn sweep_alone(&self, env: &Env) -> Result<()> {
+        let acked = self.ahead.lock().acked_through;
+        let lingering = {
+            let txn = env.read_txn()?;
+            matches!(self.entries.first(&txn)?, Some((first, _)) if first <= acked)
+        };
+        if lingering {
+            let mut txn = env.write_txn()?;
+            self.sweep(&mut txn)?;
+            txn.commit()?;
+        }
+        Ok(())
+    }
+
+    fn sweep_or_warn(&self, env: &Env) {
+        if let Err(err) = self.sweep_alone(env) {
+            tracing::warn!(source = %self.source, error = %err, "removing published events failed");
+        }
     }
 
     /// Sequence numbers keep growing across an empty outbox, so message ids
@@ -328,10 +373,16 @@ impl Outbox {
                 match self.publish_batch(&env, &js).await {
                     Ok(0) => {
                         backoff = Duration::from_millis(50);
-                        tokio::select! {
-                            _ = self.wake.notified() => {}
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            _ = shutdown.cancelled() => return,
+                        let idle = tokio::select! {
+                            _ = self.wake.notified() => false,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => true,
+                            _ = shutdown.cancelled() => {
+                                self.sweep_or_warn(&env);
+                                return;
+                            }
+                        };
+                        if idle {
+                            self.sweep_or_warn(&env);
                         }
                     }
                     Ok(_) => backoff = Duration::from_millis(50),
@@ -339,7 +390,10 @@ impl Outbox {
                         tracing::warn!(source = %self.source, error = %err, "publishing events failed; retrying");
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
-                            _ = shutdown.cancelled() => return,
+                            _ = shutdown.cancelled() => {
+                                self.sweep_or_warn(&env);
+                                return;
+                            }
                         }
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
@@ -348,15 +402,18 @@ impl Outbox {
         }
     }
 
-    /// Publishes up to 256 entries in order, one at a time: each waits for
-    /// its ack before the next is sent, so a failure can never leave a later
-    /// event stored before an earlier one. Removes what was acked, and
-    /// returns how many, or the failure after removing what went before it.
+    /// Publishes up to 256 entries past the acknowledged ones, in order,
+    /// one at a time: each waits for its ack before the next is sent, so a
+    /// failure can never leave a later event stored before an earlier one.
+    /// Returns how many were acked, or the failure after the ones before
+    /// it. The acked entries are removed by the next change's transaction,
+    /// or by the publisher once idle.
     pub async fn publish_batch(&self, env: &Env, js: &jetstream::Context) -> Result<usize> {
+        let acked_through = self.ahead.lock().acked_through;
         let batch = {
             let txn = env.read_txn()?;
             let mut batch = Vec::new();
-            for item in self.entries.iter(&txn)?.take(256) {
+            for item in self.entries.range(&txn, &(acked_through + 1..))?.take(256) {
                 let (seq, raw) = item?;
                 let msg_id = match self.ids.get(&txn, &seq)? {
                     Some(id) => id.to_string(),
@@ -372,7 +429,7 @@ impl Outbox {
 
         // Pipelining would be faster, but after a lost connection a later
         // message can reach the stream while an earlier one was lost.
-        let mut acked = Vec::with_capacity(batch.len());
+        let mut acked = 0;
         let mut failure = None;
         for (seq, msg_id, raw) in batch {
             let delivered = self.sent_ahead(seq, &msg_id).await;
@@ -382,7 +439,7 @@ impl Outbox {
             };
             match published {
                 Ok(()) => {
-                    acked.push(seq);
+                    acked += 1;
                     self.ahead.lock().acked_through = seq;
                 }
                 Err(err) => {
@@ -392,17 +449,9 @@ impl Outbox {
             }
         }
 
-        if !acked.is_empty() {
-            let mut txn = env.write_txn()?;
-            for seq in &acked {
-                self.entries.delete(&mut txn, seq)?;
-                self.ids.delete(&mut txn, seq)?;
-            }
-            txn.commit()?;
-        }
         match failure {
             Some(err) => Err(err),
-            None => Ok(acked.len()),
+            None => Ok(acked),
         }
     }
 

@@ -281,38 +281,45 @@ async fn a_republished_entry_is_stored_once() -> anyhow::Result<()> {
     let server = NatsServer::start()?;
     let js = connect(&server).await?;
     ensure_stream(&js).await?;
-    let producer = Producer::open()?;
+    let mut producer = Producer::open()?;
     producer.change(1..=3)?;
 
-    // Keep the entries as the outbox holds them, publish, then put them
-    // back as if the delete had never committed.
-    let entries: Database<U64<BigEndian>, RawBytes> = {
-        let txn = producer.env.read_txn()?;
-        producer
-            .env
-            .open_database(&txn, Some("outbox"))?
-            .context("no outbox table")?
-    };
-    let kept: Vec<(u64, Vec<u8>)> = {
-        let txn = producer.env.read_txn()?;
-        let mut kept = Vec::new();
-        for item in entries.iter(&txn)? {
-            let (seq, raw) = item?;
-            kept.push((seq, raw.to_vec()));
-        }
-        kept
-    };
+    // Published, then the service dies before any change deletes them: they
+    // are still in the outbox, and the restarted publisher sends them again.
     assert_eq!(producer.outbox.publish_batch(&producer.env, &js).await?, 3);
-    let mut txn = producer.env.write_txn()?;
-    for (seq, raw) in &kept {
-        entries.put(&mut txn, seq, raw)?;
-    }
-    txn.commit()?;
+    assert_eq!(producer.outbox.pending(&producer.env)?, 0);
+    assert_eq!(
+        outbox_len(&producer.env)?,
+        3,
+        "acked entries wait for a sweep"
+    );
+    producer.outbox = Outbox::open(&producer.env, "metadata", "")?;
+    assert_eq!(producer.outbox.pending(&producer.env)?, 3);
 
     assert_eq!(producer.outbox.publish_batch(&producer.env, &js).await?, 3);
     assert_eq!(producer.outbox.pending(&producer.env)?, 0);
     assert_eq!(stream_messages(&js).await?, 3);
+
+    // The next change's transaction removes what the stream acknowledged,
+    // and a publisher that stops removes the rest.
+    producer.change(4..=4)?;
+    assert_eq!(outbox_len(&producer.env)?, 1);
+    let (shutdown, task) = producer.publisher(&js);
+    wait_drained(&producer).await?;
+    shutdown.cancel();
+    task.await?;
+    assert_eq!(outbox_len(&producer.env)?, 0);
+    assert_eq!(stream_messages(&js).await?, 4);
     Ok(())
+}
+
+/// How many entries the outbox table holds, acknowledged or not.
+fn outbox_len(env: &Env) -> anyhow::Result<u64> {
+    let txn = env.read_txn()?;
+    let entries: Database<U64<BigEndian>, RawBytes> = env
+        .open_database(&txn, Some("outbox"))?
+        .context("no outbox table")?;
+    Ok(entries.len(&txn)?)
 }
 
 /// A keyed entry goes out before its transaction commits when everything
