@@ -96,16 +96,8 @@ impl Proc {
         let streams = [tpb::Stream::Stdout, tpb::Stream::Stderr];
         let mut out: [(bytes::Bytes, bool); 2] = Default::default();
         for (index, stream) in streams.into_iter().enumerate() {
-            let reply = self
-                .task
-                .logs(&tpb::LogsRequest {
-                    container_id: self.container_id.clone(),
-                    stream: stream as i32,
-                    offset: offsets[index],
-                    length: self.task.client.max_body() as i64,
-                    exec_id: self.exec_id.clone(),
-                })
-                .await?;
+            let length = self.task.client.max_body() as i64;
+            let reply = self.read(stream, offsets[index], length).await?;
             offsets[index] += reply.data.len() as i64;
             out[index] = (reply.data, reply.eof);
         }
@@ -116,24 +108,27 @@ impl Proc {
     /// new output starts from (a restarted container's earlier output
     /// stays before it).
     pub async fn output_ends(&self) -> anyhow::Result<[i64; 2]> {
-        let mut ends = [0i64; 2];
-        for (index, stream) in [tpb::Stream::Stdout, tpb::Stream::Stderr]
-            .into_iter()
-            .enumerate()
-        {
-            let reply = self
-                .task
-                .logs(&tpb::LogsRequest {
-                    container_id: self.container_id.clone(),
-                    stream: stream as i32,
-                    offset: i64::MAX,
-                    length: 1,
-                    exec_id: self.exec_id.clone(),
-                })
-                .await?;
-            ends[index] = reply.size;
-        }
-        Ok(ends)
+        let stdout = self.read(tpb::Stream::Stdout, i64::MAX, 1).await?;
+        let stderr = self.read(tpb::Stream::Stderr, i64::MAX, 1).await?;
+        Ok([stdout.size, stderr.size])
+    }
+
+    /// Up to `length` bytes of one stream from `offset`.
+    async fn read(
+        &self,
+        stream: tpb::Stream,
+        offset: i64,
+        length: i64,
+    ) -> Result<tpb::LogsReply, berth_bus::Error> {
+        self.task
+            .logs(&tpb::LogsRequest {
+                container_id: self.container_id.clone(),
+                stream: stream as i32,
+                offset,
+                length,
+                exec_id: self.exec_id.clone(),
+            })
+            .await
     }
 
     /// Waits for the process's exit: the event, or the state when it had

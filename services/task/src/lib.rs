@@ -275,6 +275,16 @@ pub async fn run(
     Ok(())
 }
 
+/// Runs `work` on a blocking thread: file reads and store commits, which
+/// would hold up a runtime worker and every task queued on it.
+pub(crate) async fn on_blocking_thread<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> berth_bus::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| berth_bus::Error::internal(err.to_string()))
+}
+
 /// Removes `path` and everything under it; a missing path is fine.
 fn remove_tree(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(path) {

@@ -151,11 +151,11 @@ pub(crate) async fn record_exit(
     let outcome = {
         let (svc, namespace, container_id) =
             (svc.clone(), namespace.to_string(), container_id.to_string());
-        tokio::task::spawn_blocking(move || {
+        crate::on_blocking_thread(move || {
             commit_exit(&svc, &namespace, &container_id, generation, exit)
         })
         .await
-        .unwrap_or_else(|err| Err(berth_bus::Error::internal(err.to_string())))
+        .and_then(|outcome| outcome)
     };
     match outcome {
         Ok(true) => {

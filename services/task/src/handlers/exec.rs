@@ -209,7 +209,7 @@ async fn record_exec_exit(
             container_id.to_string(),
             exec_id.to_string(),
         );
-        tokio::task::spawn_blocking(move || {
+        crate::on_blocking_thread(move || {
             commit_exec_exit(
                 &svc,
                 &namespace,
@@ -221,7 +221,7 @@ async fn record_exec_exit(
             )
         })
         .await
-        .unwrap_or_else(|err| Err(berth_bus::Error::internal(err.to_string())))
+        .and_then(|outcome| outcome)
     };
     match outcome {
         Ok(true) => {

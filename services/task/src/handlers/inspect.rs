@@ -138,9 +138,7 @@ pub(crate) async fn logs(
     };
     let offset = req.offset.max(0) as u64;
     let (data, size) =
-        tokio::task::spawn_blocking(move || read_range(&path, offset, length as usize))
-            .await
-            .map_err(|err| berth_bus::Error::internal(err.to_string()))??;
+        crate::on_blocking_thread(move || read_range(&path, offset, length as usize)).await??;
     let eof = exited && offset + data.len() as u64 >= size;
     Ok(pb::LogsReply {
         data: data.into(),
@@ -218,7 +216,5 @@ pub(crate) async fn metrics(
         .into());
     }
     let suffix = crate::spec::cgroups_path(call.namespace(), &req.container_id);
-    tokio::task::spawn_blocking(move || crate::cgroup::metrics(&record.cgroups, &suffix))
-        .await
-        .map_err(|err| berth_bus::Error::internal(err.to_string()))
+    crate::on_blocking_thread(move || crate::cgroup::metrics(&record.cgroups, &suffix)).await
 }
